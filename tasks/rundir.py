@@ -1,0 +1,123 @@
+"""Run folders: runs/<pipeline>/<run_id>/<stage>/ and summary.json.
+
+A stage writes into a hidden staging folder and renames it into place only
+when complete, so a folder named after a stage is always whole: a crash leaves
+at most a `.<stage>.partial-*` folder that nothing downstream reads.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel, Field
+
+
+class StageResult(BaseModel):
+    """What every stage returns: small, serialisable, safe to cache."""
+    stage: str
+    output_dir: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    artifacts: dict[str, str] = Field(default_factory=dict)
+    seconds: float = 0.0
+    resumed_from_step: int | None = None
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across concurrent runs of one pipeline."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON via a temp file + rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(2)}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(2)}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a scratch folder that becomes `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(2)}")
+    scratch.mkdir()
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if final.exists():  # a retry of the same stage in the same run replaces the old copy
+        shutil.rmtree(final)
+    os.replace(scratch, final)
+
+
+class RunDir:
+    """One pipeline run's folder and its summary.json."""
+
+    def __init__(self, root: str | Path, pipeline: str, run_id: str | None = None):
+        self.run_id = run_id or new_run_id()
+        self.pipeline = pipeline
+        self.path = Path(root).resolve() / pipeline / self.run_id
+        self.path.mkdir(parents=True, exist_ok=False)
+        self.summary: dict[str, Any] = {
+            "pipeline": pipeline, "run_id": self.run_id, "status": "running",
+            "started_at": _now(), "finished_at": None, "mlflow_run_id": None,
+            "prefect_flow_run_id": None, "stages": {},
+        }
+        self._t0 = time.time()
+        self.save()
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    def link_stage(self, stage: str, existing: str | Path) -> None:
+        """A cached stage: point this run's stage folder at the run that made it."""
+        target = Path(existing)
+        link = self.stage_dir(stage)
+        if target.resolve() != link.resolve() and not link.exists():
+            link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+    def record_stage(self, stage: str, status: str, result: StageResult | None = None,
+                     error: str | None = None, seconds: float | None = None) -> None:
+        entry: dict[str, Any] = {"status": status}
+        if result is not None:
+            entry.update(seconds=round(result.seconds, 3), metrics=result.metrics,
+                         artifacts=result.artifacts, output_dir=result.output_dir)
+            if result.resumed_from_step is not None:
+                entry["resumed_from_step"] = result.resumed_from_step
+        if seconds is not None:
+            entry["seconds"] = round(seconds, 3)
+        if error:
+            entry["error"] = error
+        self.summary["stages"][stage] = entry
+        self.save()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self.summary.update(status=status, finished_at=_now(), seconds=round(time.time() - self._t0, 3))
+        if error:
+            self.summary["error"] = error
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.path / "summary.json", self.summary)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
