@@ -72,10 +72,15 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def is_hub_source(spec: DatasetSpec) -> bool:
+    path = Path(spec.source).expanduser()
+    return not (path.suffix in LOCAL_SUFFIXES or path.exists() or spec.source.startswith((".", "/", "~")))
+
+
 def read_rows(spec: DatasetSpec) -> tuple[pd.DataFrame, str]:
     """Rows as a DataFrame plus a label for error messages (the file or hub id)."""
     path = Path(spec.source).expanduser()
-    if path.suffix in LOCAL_SUFFIXES or path.exists() or spec.source.startswith((".", "/", "~")):
+    if not is_hub_source(spec):
         if not path.exists():
             raise DataError(f"dataset.source: {spec.source}: file not found")
         if path.suffix not in LOCAL_SUFFIXES:

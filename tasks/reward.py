@@ -206,6 +206,11 @@ def _load_classifier(name: str, trust_remote_code: bool):
             f"reward model folder {name!r} has no config.json; save the classifier there "
             "with save_pretrained (model and tokenizer)"
         )
+    if is_local and not any(f.endswith(".safetensors") for f in os.listdir(expanded)):
+        raise RewardError(
+            f"reward model folder {name!r} has no .safetensors weights; only safetensors are "
+            "loaded (re-save the model with save_pretrained(..., safe_serialization=True))"
+        )
     source = expanded if is_local else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

@@ -1,0 +1,146 @@
+"""MLflow records: one parent run per pipeline run, one child run per stage.
+
+Everything goes through MlflowClient with explicit run ids rather than
+`mlflow.start_run()`: the active-run stack is thread-local and Prefect runs
+tasks in worker threads, so an implicit active run would not reach them.
+Params are flattened settings; anything that looks like a secret is redacted
+and long values are cut to MLflow's limit instead of failing the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Tracking
+from tasks.rundir import StageResult
+
+MAX_PARAM = 6000        # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_KEY = 250
+ARTIFACT_BYTES = 200 * 2**20  # per stage; larger files (merged weights) are referenced by path tag
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential|auth)", re.I)
+SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16})$")
+
+
+def tracking_uri(tracking: Tracking, workdir: str | Path = ".") -> str:
+    return tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve()}/mlflow.db"
+
+
+def redact(key: str, value: Any) -> str:
+    text = str(value)
+    if SECRET_KEY.search(key) or SECRET_VALUE.match(text.strip()):
+        return "***"
+    # environment-style secrets pasted into a value
+    for name, env_value in os.environ.items():
+        if SECRET_KEY.search(name) and len(env_value) >= 8 and env_value in text:
+            text = text.replace(env_value, "***")
+    return text[:MAX_PARAM]
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip(".")[:MAX_KEY]: obj}
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Tracker:
+    """A pipeline run's MLflow parent and its stage children."""
+
+    def __init__(self, tracking: Tracking, experiment: str, workdir: str | Path = "."):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+        self.uri = tracking_uri(tracking, workdir)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:"):  # artifacts in a folder beside the database
+                db = Path(self.uri.removeprefix("sqlite:///"))
+                location = (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.parent_id = run.info.run_id
+        self._log_params(self.parent_id, params)
+        return self.parent_id
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, redact(k, v)) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i: i + 100])
+
+    def log_stage(self, stage: str, status: str, settings: dict[str, Any], result: StageResult | None,
+                  tags: dict[str, str], error: str | None = None) -> str:
+        from mlflow.entities import Metric
+        run = self.client.create_run(self.experiment_id, run_name=stage,
+                                     tags={**tags, "mlflow.parentRunId": self.parent_id, "stage": stage,
+                                           "status": status})
+        rid = run.info.run_id
+        self._log_params(rid, settings)
+        now = int(time.time() * 1000)
+        if result is not None:
+            metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items()]
+            metrics += curve_metrics(result)
+            for i in range(0, len(metrics), 1000):
+                self.client.log_batch(rid, metrics=metrics[i: i + 1000])
+            self.client.log_metric(rid, "seconds", result.seconds)
+            self._log_artifacts(rid, Path(result.output_dir))
+            for k, v in result.artifacts.items():
+                self.client.set_tag(rid, f"artifact.{k}", v[:MAX_PARAM])
+        if error:
+            self.client.set_tag(rid, "error", redact("error", error))
+        self.client.set_terminated(rid, "FINISHED" if status in ("completed", "cached") else "FAILED")
+        return rid
+
+    def _log_artifacts(self, run_id: str, folder: Path) -> None:
+        budget = ARTIFACT_BYTES
+        for f in sorted(folder.rglob("*")):
+            if not f.is_file() or f.stat().st_size > budget or f.suffix == ".pt":
+                continue
+            budget -= f.stat().st_size
+            sub = f.parent.relative_to(folder).as_posix()
+            self.client.log_artifact(run_id, str(f), None if sub == "." else sub)
+
+    def finish(self, status: str, metrics: dict[str, float] | None = None) -> None:
+        from mlflow.entities import Metric
+        if metrics:
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        self.client.set_terminated(self.parent_id, "FINISHED" if status == "completed" else "FAILED")
+
+
+def curve_metrics(result: StageResult) -> list:
+    """Per-step curves from a stage's log file (TRL log_history or ppo_log) as step metrics."""
+    from mlflow.entities import Metric
+    path = result.artifacts.get("log_history") or result.artifacts.get("ppo_log")
+    if not path or not Path(path).exists():
+        return []
+    out = []
+    now = int(time.time() * 1000)
+    for entry in json.loads(Path(path).read_text()):
+        step = int(entry.get("step", 0))
+        for k, v in entry.items():
+            if k != "step" and isinstance(v, (int, float)) and v == v:
+                out.append(Metric(f"curve/{k}", float(v), now, step))
+    return out
