@@ -98,10 +98,11 @@ class MemoryPlan(BaseModel):
         """Human-readable, one term per line, in GiB (for `shomin plan` and plan.txt)."""
         def gib(n: int | None) -> str:
             return "unknown" if n is None else f"{n / GIB:9.3f} GiB"
+        ram = "" if self.device == "cpu" else f", CPU RAM free {gib(self.ram_free_bytes).strip()}"
         lines = [f"memory plan on {self.device}: {self.num_parameters / 1e9:.3f} B parameters, "
-                 f"{self.bytes_per_param:.4f} B/param for quantized weights",
+                 f"{self.bytes_per_param:.4f} B per block Linear weight",
                  f"  device total {gib(self.device_total_bytes).strip()}, free {gib(self.device_free_bytes).strip()}, "
-                 f"headroom {self.headroom:.0%}"]
+                 f"headroom {self.headroom:.0%}{ram}"]
         for stage, terms in self.stages.items():
             where = "CPU RAM" if stage == "merge" or self.device == "cpu" else self.device
             lines.append(f"{stage} ({where})")
@@ -253,27 +254,25 @@ def plan_memory(pipeline: Pipeline, shape: dict, device: str, free_bytes: int | 
         w, _, pb = _weights(shape, ppo.quantization, spec, device)
         n_lora, s = lora_params(shape, ppo.lora), ppo.query_max_tokens + ppo.response_max_tokens
         gen = _kv_cache(ppo.batch_size, s, shape, pb)
-        train = _activations(ppo.mini_batch_size, s, shape, pb, False) + _logits(ppo.mini_batch_size, s, shape)
+        act, logits = _activations(ppo.mini_batch_size, s, shape, pb, False), _logits(ppo.mini_batch_size, s, shape)
         stages["ppo"] = {"weights": w, "lora": 8 * n_lora, "optimizer": 8 * n_lora,
                          "value_head": 16 * (shape["hidden_size"] + 1), "generation": gen,
-                         "activations": _activations(ppo.mini_batch_size, s, shape, pb, False),
-                         "logits": _logits(ppo.mini_batch_size, s, shape)}
+                         "activations": act, "logits": logits}
+        # rollouts and updates alternate: only the larger phase counts
+        stages["ppo"]["total"] = w + 16 * n_lora + 16 * (shape["hidden_size"] + 1) + max(gen, act + logits)
         notes["ppo.weights"] = f"{ppo.quantization}: stages.ppo.quantization"
-        notes["ppo.generation"] = f"batch={ppo.batch_size} s={s}; max(generation, activations+logits) counts"
+        notes["ppo.lora"] = f"{n_lora:,} params x (4 B weight + 4 B grad)"
+        notes["ppo.generation"] = f"batch={ppo.batch_size} s={s}"
+        notes["ppo.total"] = "weights + lora + optimizer + value_head + max(generation, activations + logits)"
     if st.evaluate:
         ev = st.evaluate
         infer = round(K_ACT * act_b / 2 * ev.batch_size * ev.max_seq_length * shape["hidden_size"]) \
             + _logits(ev.batch_size, ev.max_seq_length, shape, with_grad=False)
-        stages["evaluate"] = {"weights": weights, "forward": infer,
-                              "generation": _kv_cache(max(ev.num_prompts, 1), ev.max_seq_length + ev.max_new_tokens, shape, act_b)}
+        gen = _kv_cache(max(ev.num_prompts, 1), ev.max_seq_length + ev.max_new_tokens, shape, act_b)
+        stages["evaluate"] = {"weights": weights, "forward": infer, "generation": gen, "total": weights + max(infer, gen)}
         notes["evaluate.forward"] = "one layer's activations + fp32 logits, no grad"
-    for name, terms in stages.items():
-        t = dict(terms)
-        if name == "ppo":  # rollouts and updates alternate: count the larger phase
-            t["generation"] = max(0, t["generation"] - t["activations"] - t["logits"])
-        if name == "evaluate":
-            t["generation"] = max(0, t["generation"] - t["forward"])
-        terms["total"] = sum(t.values())
+    for terms in stages.values():
+        terms.setdefault("total", sum(terms.values()))
     peak_stage = max(stages, key=lambda k: stages[k]["total"], default="none")
     verdicts = [None if budget is None else stages[k]["total"] <= headroom * budget
                 for k in stages for budget in [ram_free if k == "merge" else free_bytes]]
@@ -340,16 +339,31 @@ def environment() -> dict:
     return {"versions": versions, "devices": devices, "platform": platform.platform(), "executable": sys.executable}
 
 
-def run(settings: EnvCheckSettings, pipeline: Pipeline, out_dir: str | Path) -> EnvResult:
-    t0 = time.time()
-    device = resolve_device(pipeline.device)
+def plan_for(pipeline: Pipeline, settings: EnvCheckSettings | None = None) -> MemoryPlan:
+    """The plan on this machine, without enforcing it (`shomin plan`). A cuda pipeline
+    previewed on a machine without CUDA still gets a plan, with fit unknown."""
+    return _plan(pipeline, settings or pipeline.stages.env_check or EnvCheckSettings())[0]
+
+
+def _plan(pipeline: Pipeline, settings: EnvCheckSettings) -> tuple[MemoryPlan, dict, dict]:
+    env = environment()
+    device = "cuda" if pipeline.device == "cuda" else resolve_device(pipeline.device)
     cache_dir = pipeline.stages.model_init.cache_dir if pipeline.stages.model_init else None
     shape = model_shape(pipeline.model, cache_dir)
-    env = environment()
     cpu = next(d for d in env["devices"] if d["type"] == "cpu")
     dev = cpu if device == "cpu" else next((d for d in env["devices"] if d.get("index") == 0), {})
     plan = plan_memory(pipeline, shape, device, dev.get("free_bytes"), dev.get("total_bytes"),
                        headroom=settings.headroom, ram_free_bytes=cpu["free_bytes"])
+    return plan, env, shape
+
+
+def run(settings: EnvCheckSettings, pipeline: Pipeline, out_dir: str | Path) -> EnvResult:
+    t0 = time.time()
+    device = resolve_device(pipeline.device)  # cuda asked for but absent: fail here
+    ppo_q = pipeline.stages.ppo.quantization if pipeline.stages.ppo else "none"
+    if device == "cpu" and "8bit" in (pipeline.model.quantization, ppo_q):
+        raise ConfigError("quantization: 8bit needs a CUDA GPU; use 4bit or none on CPU")
+    plan, env, shape = _plan(pipeline, settings)
     if settings.enforce_memory_plan and plan.fits is False:
         raise MemoryPlanError(_failure(plan))
     with staged_dir(out_dir) as tmp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(ROOT))
+# One Prefect home for the whole session, set before prefect is imported anywhere:
+# in-process clients and `shomin` subprocesses then see the same database.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="shomin-prefect-"))
 
 
 def _corpus() -> list[str]:

