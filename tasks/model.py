@@ -129,6 +129,7 @@ def count_parameters(path: str | Path, trust_remote_code: bool = False) -> tuple
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # init_empty_weights skips tying: a tied lm_head would count twice
     n = sum(p.numel() for p in model.parameters())
     shape = {k: getattr(config, k, None) for k in ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")}
     return n, type(model).__name__, shape

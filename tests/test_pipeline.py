@@ -27,7 +27,8 @@ pipelines:
 
 
 def shomin(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # no MLFLOW_TRACKING_URI: the default, sqlite:///mlflow.db in the working folder, is what users get
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -36,8 +37,9 @@ def summaries(workdir):
     return sorted((workdir / "runs" / "tiny").glob("*/summary.json"))
 
 
-@pytest.fixture
-def chain_run(tmp_path, tiny_model):
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory, tiny_model):
+    tmp_path = tmp_path_factory.mktemp("chain")
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(textwrap.dedent(CHAIN.format(model=tiny_model, data=ROOT / "data" / "dolly-ja-sample.jsonl")))
     r = shomin("run", "tiny", cwd=tmp_path)
