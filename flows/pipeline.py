@@ -101,7 +101,7 @@ def run_stages(p: Pipeline, run: StageRunner, device: str) -> dict[str, StageRes
     return out
 
 
-@flow(name="shomin", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=False)
+@flow(name="shomin", flow_run_name=_flow_run_name, validate_parameters=False)
 def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list[str] | None = None,
                   run_id: str | None = None, refresh: bool = False, workdir: str = ".") -> dict:
     """Run one pipeline of a pipelines.yaml; returns its summary (also in summary.json)."""

@@ -43,10 +43,10 @@ def _key_fn(stage: str):
     return lambda context, parameters: stage_key(stage, parameters)
 
 
-COMMON = dict(persist_result=True, log_prints=True)
+COMMON = dict(persist_result=True)
 
 
-@task(name="env_check", cache_policy=NO_CACHE, persist_result=False, log_prints=True)
+@task(name="env_check", cache_policy=NO_CACHE, persist_result=False)
 def env_check_task(settings, pipeline, out_dir):
     # never cached: the machine's free memory is the point of this stage
     return env_check.run(settings, pipeline, out_dir)
