@@ -49,6 +49,9 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.lm = lm
         self.v_head = nn.Linear(lm.config.hidden_size, 1, device=lm.device, dtype=torch.float32) if value_head else None
+        if self.v_head is not None:  # V=0 at start: early advantages are the plain returns, not a random head's noise
+            nn.init.zeros_(self.v_head.weight)
+            nn.init.zeros_(self.v_head.bias)
 
     def forward(self, input_ids, attention_mask):
         # Left padding: count positions from the first real token, exactly as generate() does.

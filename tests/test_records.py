@@ -1,0 +1,43 @@
+"""Run folders and MLflow records: atomic stage folders, redacted secrets, truncated params."""
+import json
+
+import pytest
+
+from tasks.config import Tracking
+from tasks.rundir import RunDir, StageResult, staged_dir
+from tasks.tracking import MAX_PARAM, Tracker, redact
+
+
+def test_staged_dir_appears_only_complete(tmp_path):
+    target = tmp_path / "sft"
+    with pytest.raises(RuntimeError):
+        with staged_dir(target) as tmp:
+            (tmp / "adapter.safetensors").write_bytes(b"half")
+            raise RuntimeError("killed mid-write")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with staged_dir(target) as tmp:
+        (tmp / "adapter.safetensors").write_bytes(b"whole")
+    assert (target / "adapter.safetensors").read_bytes() == b"whole"
+
+
+def test_concurrent_runs_get_their_own_folders(tmp_path):
+    a, b = RunDir(tmp_path, "p"), RunDir(tmp_path, "p")
+    assert a.path != b.path and a.run_id != b.run_id
+    a.record_stage("sft", "completed", StageResult(stage="sft", output_dir=str(a.path / "sft"), metrics={"loss": 1.0}))
+    assert json.loads((a.path / "summary.json").read_text())["stages"]["sft"]["metrics"] == {"loss": 1.0}
+    assert json.loads((b.path / "summary.json").read_text())["stages"] == {}
+
+
+def test_secrets_never_reach_mlflow(tmp_path, monkeypatch):
+    token = "hf_" + "a1B2c3D4e5F6g7H8i9J0kLmNoPqRsT"
+    monkeypatch.setenv("HF_TOKEN", token)
+    assert redact("hub_token", "anything") == "***"
+    assert redact("model.source", token) == "***"
+    assert token not in redact("note", f"using {token} today")
+    tracker = Tracker(Tracking(uri=f"sqlite:///{tmp_path}/m.db"), "exp", tmp_path)
+    rid = tracker.start("p/1", {"model": {"source": "org/m", "api_key": "sk-" + "x" * 30},
+                                "description": f"token {token}", "long": "y" * (MAX_PARAM + 500)}, {})
+    params = tracker.client.get_run(rid).data.params
+    assert params["model.api_key"] == "***" and token not in params["description"]
+    assert len(params["long"]) == MAX_PARAM                    # cut to MLflow's limit, run not crashed
+    assert all(token not in v for v in params.values())
