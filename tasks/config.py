@@ -69,6 +69,8 @@ class DatasetSpec(Strict):
 class Tracking(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db.")
     experiment: str | None = Field(None, description="MLflow experiment; default: the pipeline name.")
+    # field `register` would shadow BaseModel.register; the YAML key is still `register`
+    register_model: bool = Field(False, alias="register", description="Register the PPO adapter (RLHF pipelines) or else the merged model as a version of the MLflow model named after the pipeline.")
 
 
 class Schedule(Strict):
@@ -117,6 +119,8 @@ class SftSettings(Strict):
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (resumable).")
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. paged_adamw_8bit on GPU.")
+    kernels: Literal["auto", "liger", "none"] = Field("auto", description="Fused Triton kernels (Liger: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy that never materialises the logits). auto = liger on CUDA when installed and the architecture is supported.")
+    padding_free: bool = Field(False, description="Pack a batch into one row without padding (needs flash attention on GPU).")
 
     @model_validator(mode="after")
     def _accumulation(self) -> "SftSettings":

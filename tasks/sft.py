@@ -46,6 +46,22 @@ def finite_loss_callback():
     return StopOnNonFinite()
 
 
+LIGER_ARCHS = {"llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "phi3", "granite", "olmo2"}
+
+
+def use_liger(kernels: str, device: str, model) -> bool:
+    """Liger's Triton kernels need CUDA and a supported architecture; `liger` asked
+    for explicitly on an unsupported setup is an error, `auto` quietly falls back."""
+    import importlib.util
+    model_type = getattr(model.config, "model_type", "")
+    ok = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None and model_type in LIGER_ARCHS
+    if kernels == "liger" and not ok:
+        from tasks.config import ConfigError
+        raise ConfigError(f"stages.sft.kernels: liger needs CUDA, `pip install liger-kernel` and one of "
+                          f"{sorted(LIGER_ARCHS)} (this is {model_type or 'unknown'} on {device})")
+    return kernels != "none" and ok
+
+
 def last_checkpoint(folder: Path) -> tuple[str | None, int | None]:
     from transformers.trainer_utils import get_last_checkpoint
     if not folder.is_dir():
@@ -68,6 +84,7 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
     if device == "cpu":
         guard_bnb_cpu(model)
     bf16 = device == "cuda" and spec.dtype in ("auto", "bfloat16")
+    liger = use_liger(settings.kernels, device, model)
     args = SFTConfig(
         output_dir=str(checkpoint_dir), seed=seed, data_seed=seed,
         per_device_train_batch_size=settings.micro_batch_size,
@@ -79,7 +96,8 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         gradient_checkpointing=settings.gradient_checkpointing,
         logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
         report_to="none", use_cpu=device == "cpu", bf16=bf16, fp16=False,
-        dataloader_num_workers=0, disable_tqdm=False,
+        dataloader_num_workers=0, disable_tqdm=False, use_liger_kernel=liger,
+        padding_free=settings.padding_free,
     )
     train = Dataset.from_list(read_jsonl(data.train_path))
     return SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
