@@ -13,6 +13,7 @@ data-parallel with no code change; on one process it is plain torch.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tasks.config import ConfigError, ModelSpec, PpoSettings
@@ -45,9 +47,9 @@ class PpoResult(StageResult):
 class PolicyWithValue(nn.Module):
     """LoRA policy + scalar value head as one module, so DDP syncs every trainable parameter."""
 
-    def __init__(self, lm, value_head: bool = True):
+    def __init__(self, lm, temperature: float = 1.0, value_head: bool = True):
         super().__init__()
-        self.lm = lm
+        self.lm, self.temperature = lm, temperature
         self.v_head = nn.Linear(lm.config.hidden_size, 1, device=lm.device, dtype=torch.float32) if value_head else None
         if self.v_head is not None:  # V=0 at start: early advantages are the plain returns, not a random head's noise
             nn.init.zeros_(self.v_head.weight)
@@ -59,7 +61,9 @@ class PolicyWithValue(nn.Module):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       output_hidden_states=self.v_head is not None, use_cache=False)
         values = self.v_head(out.hidden_states[-1].float()).squeeze(-1) if self.v_head is not None else None
-        return out.logits.float(), values
+        # The policy PPO optimises is the one that samples: logits at the sampling temperature.
+        # (top_k/top_p truncation is not reflected, as in the classic TRL recipe.)
+        return out.logits.float() / self.temperature, values
 
 
 def build_policy(settings: PpoSettings, spec: ModelSpec, merged_path: str, device: str) -> PolicyWithValue:
@@ -69,13 +73,15 @@ def build_policy(settings: PpoSettings, spec: ModelSpec, merged_path: str, devic
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     lm = get_peft_model(lm, lora_config(settings.lora))  # LoRA B starts at 0: step-0 policy == reference
     # Dropout stays off (eval mode) throughout: PPO's ratio and the KL need rollout and update to be the same function.
-    return PolicyWithValue(lm).eval()
+    return PolicyWithValue(lm, settings.temperature).eval()
 
 
-def build_queries(data: DataResult, tok, settings: PpoSettings, seed: int) -> list[str]:
-    """Text rows: the opening N tokens, N uniform in [query_min_tokens, query_max_tokens]; instruction rows: the prompt."""
+def build_queries(path: str | Path | DataResult, tok, settings: PpoSettings, seed: int) -> list[str]:
+    """Queries from a dataset JSONL (a DataResult means its train set). Text rows: the opening N tokens,
+    N uniform in [query_min_tokens, query_max_tokens] (seeded); instruction rows: the prompt."""
+    path = path.train_path if isinstance(path, DataResult) else path
     rng, queries = random.Random(seed), []
-    for row in read_jsonl(data.train_path):
+    for row in read_jsonl(path):
         if "prompt" in row:
             queries.append(row["prompt"])
             continue
@@ -84,7 +90,7 @@ def build_queries(data: DataResult, tok, settings: PpoSettings, seed: int) -> li
         queries.append(tok.decode(ids[:n]).rstrip("\ufffd"))  # drop half a multi-byte character
     queries = [q for q in queries if q.strip()]
     if not queries:
-        raise ConfigError(f"ppo: no usable queries in {data.train_path}")
+        raise ConfigError(f"ppo: no usable queries in {path}")
     return queries
 
 
@@ -174,7 +180,11 @@ def update(model, optimizer, accelerator, params, batch: dict, settings: PpoSett
             approx_kl = accelerator.reduce(approx_kl.detach(), "mean").item()  # all ranks stop together
             stats["approx_kl"].append(approx_kl)
             if settings.early_stop_kl is not None and approx_kl > settings.early_stop_kl:
-                return {k: sum(v) / len(v) for k, v in stats.items()}
+                return means(stats)  # the policy left the trust region: stop this step's epochs
+    return means(stats)
+
+
+def means(stats: dict) -> dict:
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
@@ -183,10 +193,8 @@ def update(model, optimizer, accelerator, params, batch: dict, settings: PpoSett
 
 def save_checkpoint(root: Path, step: int, policy: PolicyWithValue, optimizer, kl_coef: float, log: list) -> None:
     """Everything a resumed run needs, written to a temp folder and renamed; keeps the last two."""
-    from safetensors.torch import save_file
     tmp = root / f".step-{step}.tmp-{os.getpid()}"
-    policy.lm.save_pretrained(tmp / "adapter", safe_serialization=True)
-    save_file(policy.v_head.state_dict(), tmp / "value_head.safetensors")
+    save_policy(policy, tmp)
     rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "state.pt")
     write_json(tmp / "trainer.json", {"step": step, "kl_coef": kl_coef, "log": log})
@@ -198,15 +206,18 @@ def save_checkpoint(root: Path, step: int, policy: PolicyWithValue, optimizer, k
         shutil.rmtree(old)
 
 
+def save_policy(policy: PolicyWithValue, folder: Path) -> None:
+    policy.lm.save_pretrained(folder / "adapter", safe_serialization=True)
+    save_file(policy.v_head.state_dict(), folder / "value_head.safetensors")
+
+
 def checkpoints(root: Path) -> list[Path]:
     found = [p for p in root.glob("step-*") if (p / "trainer.json").exists()] if root.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def load_checkpoint(path: Path, policy: PolicyWithValue, optimizer, kl_ctl) -> tuple[int, list]:
-    import json
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
     set_peft_model_state_dict(policy.lm, load_file(path / "adapter" / "adapter_model.safetensors"))
     policy.v_head.load_state_dict(load_file(path / "value_head.safetensors"))
     state = torch.load(path / "state.pt", weights_only=True)
@@ -242,13 +253,11 @@ def run(settings: PpoSettings, spec: ModelSpec, merge: MergeResult, data: DataRe
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
     kl_ctl = kl_controller(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
-    start, log = 0, []
-    resumed = checkpoints(ckpt_root)[-1] if checkpoints(ckpt_root) else None
-    if resumed is not None:
-        start, log = load_checkpoint(resumed, policy, optimizer, kl_ctl)
+    resumed = (checkpoints(ckpt_root) or [None])[-1]
+    start, log = load_checkpoint(resumed, policy, optimizer, kl_ctl) if resumed else (0, [])
     model, optimizer = accelerator.prepare(policy, optimizer)
     reward_fn = build_reward(settings.reward, device)
-    queries = build_queries(data, tok, settings, seed)
+    queries = build_queries(data.train_path, tok, settings, seed)
     eos_ids = eos_token_ids(tok, policy.lm, policy.v_head.weight.device)
 
     bar = tqdm(range(start + 1, settings.steps + 1), initial=start, total=settings.steps, desc="ppo",
@@ -275,23 +284,18 @@ def run(settings: PpoSettings, spec: ModelSpec, merge: MergeResult, data: DataRe
             save_checkpoint(ckpt_root, step, policy, optimizer, kl_ctl.value, log)
         accelerator.wait_for_everyone()
 
-    merged_path = None
     if accelerator.is_main_process:
         with staged_dir(out) as tmp:
-            policy.lm.save_pretrained(tmp / "adapter", safe_serialization=True)
+            save_policy(policy, tmp)
             tok.save_pretrained(tmp / "adapter")
-            from safetensors.torch import save_file
-            save_file(policy.v_head.state_dict(), tmp / "value_head.safetensors")
             write_json(tmp / "ppo_log.json", log)
             if settings.merge_adapter:
                 save_merged(merge.merged_path, tmp / "adapter", spec, tmp / "merged")
     accelerator.wait_for_everyone()
-    if settings.merge_adapter:
-        merged_path = str(out / "merged")
-    last = log[-3:]
-    metrics = {"reward_final": sum(e["reward_mean"] for e in last) / max(len(last), 1),
-               "reward_first": log[0]["reward_mean"] if log else 0.0,
-               "kl": log[-1]["kl"] if log else 0.0, "kl_coef": kl_ctl.value, "steps": float(len(log))}
+    merged_path = str(out / "merged") if settings.merge_adapter else None
+    last = log[-3:] or [{"reward_mean": 0.0, "kl": 0.0}]
+    metrics = {"reward_final": sum(e["reward_mean"] for e in last) / len(last), "kl": last[-1]["kl"],
+               "reward_first": log[0]["reward_mean"] if log else 0.0, "kl_coef": kl_ctl.value, "steps": float(len(log))}
     artifacts = {"adapter": str(out / "adapter"), "value_head": str(out / "value_head.safetensors"),
                  "ppo_log": str(out / "ppo_log.json"), **({"merged": merged_path} if merged_path else {})}
     return PpoResult(stage="ppo", output_dir=str(out), adapter_path=str(out / "adapter"),
@@ -326,7 +330,7 @@ def evaluate_policy(merged_path: str, adapter_path: str, spec: ModelSpec, settin
     tok.padding_side = "left"
     lm = PeftModel.from_pretrained(load_causal_lm(merged_path, spec, device, quantization=settings.quantization),
                                    adapter_path)
-    policy = PolicyWithValue(lm, value_head=False).eval()
+    policy = PolicyWithValue(lm, settings.temperature, value_head=False).eval()
     reward_fn = build_reward(settings.reward, device)
     eos_ids = eos_token_ids(tok, lm, lm.device)
     length = max_new_tokens or settings.response_max_tokens

@@ -1,0 +1,186 @@
+"""PPO stage on the tiny random Llama: reference model, learning, outputs, resume, evaluation."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks import ppo
+from tasks.config import LoraSettings, ModelSpec, PpoSettings
+from tasks.data import DataResult
+from tasks.merge import MergeResult
+from tasks.model import load_causal_lm
+from tasks.reward import RewardSettings
+from tasks.sft import TrainingDiverged, lora_config
+
+TESTS = Path(__file__).resolve().parent
+QUERIES = ["The movie was", "I watched it", "A quiet film", "The story"]
+
+
+@pytest.fixture(autouse=True)
+def rewards_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))  # tests/ppo_rewards.py
+
+
+def inputs(tmp_path: Path, model: Path, rows: list[dict]) -> tuple[MergeResult, DataResult]:
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    merge = MergeResult(stage="merge", output_dir=str(model.parent), merged_path=str(model))
+    data = DataResult(stage="dataset", output_dir=str(tmp_path), train_path=str(train), eval_path=str(train),
+                      format="instruction" if "prompt" in rows[0] else "text", n_train=len(rows), n_eval=len(rows))
+    return merge, data
+
+
+def settings(**kw) -> PpoSettings:
+    base = dict(reward=RewardSettings(kind="function", function="ppo_rewards:letters"), steps=2, batch_size=4,
+                mini_batch_size=2, ppo_epochs=2, learning_rate=5e-3, response_min_tokens=4, response_max_tokens=6,
+                init_kl_coef=0.05, target_kl=None, lora=LoraSettings(r=8, alpha=16, dropout=0.0))
+    return PpoSettings(**{**base, **kw})
+
+
+def test_response_mask_stops_after_first_eos():
+    response = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
+    mask = ppo.response_mask(response, torch.tensor([2]))
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_reference_is_the_merged_model_and_kl_starts_at_zero(tiny_model):
+    s, spec = settings(), ModelSpec(source=str(tiny_model))
+    tok = ppo.load_tokenizer(tiny_model)
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    policy = ppo.build_policy(s, spec, str(tiny_model), "cpu")
+    batch = ppo.rollout(policy, tok, QUERIES, s, 6, ppo.eos_token_ids(tok, policy.lm, "cpu"))
+    assert batch["query_mask"][:, 0].tolist() != [1] * len(QUERIES)  # really left padded
+
+    with torch.no_grad(), policy.lm.disable_adapter():
+        ref_logprobs, _, _ = ppo.forward(policy, batch)
+    plain = ppo.PolicyWithValue(load_causal_lm(tiny_model, spec, "cpu"), value_head=False).eval()
+    with torch.no_grad():
+        plain_logprobs, _, _ = ppo.forward(plain, batch)
+    torch.testing.assert_close(ref_logprobs, plain_logprobs, rtol=0, atol=1e-6)
+
+    kl, entropy = ppo.advantages(policy, batch, torch.zeros(len(QUERIES)), s, kl_coef=0.2)
+    assert kl.tolist() == [0.0] * len(QUERIES)  # fresh LoRA (B = 0): policy == reference exactly
+    assert torch.equal(batch["logprobs"], ref_logprobs)
+    assert math.isfinite(entropy.item())
+
+
+def sharpened(tiny_model: Path, dest: Path, scale: float = 20.0) -> Path:
+    """The tiny model with lm_head x20. Its random logits span ~0.3 nats and the final RMSNorm bounds the
+    hidden state, so no adapter below lm_head could move its next-token distribution; scaled, it is peaked
+    (entropy ~3 nats) like a real LM's, and PPO has something to steer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
+    return dest
+
+
+def test_ppo_raises_an_easy_reward(tiny_model, tmp_path):
+    # One prompt, two-token responses, reward = share of ASCII letters in the response: a contextual
+    # bandit that PPO solves in a few dozen CPU steps on every seed tried (1-4: ~0.3 -> ~1.0).
+    model = sharpened(tiny_model, tmp_path / "model")
+    merge, data = inputs(tmp_path, model, [{"prompt": "The movie was", "completion": "good"}] * 8)
+    s = settings(reward=RewardSettings(kind="function", function="ppo_rewards:response_letters"), steps=20,
+                 batch_size=8, mini_batch_size=4, ppo_epochs=4, learning_rate=1e-3,
+                 response_min_tokens=2, response_max_tokens=2, save_steps=100)
+    result = ppo.run(s, ModelSpec(source=str(model)), merge, data, tmp_path / "ppo", device="cpu", seed=1)
+
+    log = json.loads((tmp_path / "ppo" / "ppo_log.json").read_text())
+    assert [e["step"] for e in log] == list(range(1, 21)) and result.steps == 20
+    assert set(log[0]) >= {"reward_mean", "reward_std", "kl", "kl_coef", "entropy", "policy_loss", "value_loss",
+                           "clip_fraction", "approx_kl", "response_length", "step_seconds"}
+    assert log[0]["kl"] == 0.0
+    first = sum(e["reward_mean"] for e in log[:3]) / 3
+    last = sum(e["reward_mean"] for e in log[-3:]) / 3
+    assert last > first + 0.2, [round(e["reward_mean"], 3) for e in log]
+    assert result.metrics["reward_final"] == pytest.approx(last)
+
+
+def test_outputs_load_and_training_resumes_exactly(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"text": t} for t in ["The film was a quiet triumph of craft.", "Every scene drags and the plot is thin.",
+                                  "A warm, funny and moving story.", "I will not watch it again."]]
+    merge, data = inputs(tmp_path, tiny_model, rows)
+    spec, ckpt = ModelSpec(source=str(tiny_model)), tmp_path / "ckpt"
+    first = ppo.run(settings(steps=2, save_steps=1), spec, merge, data, tmp_path / "a", device="cpu",
+                    checkpoint_dir=ckpt)
+    assert first.resumed_from_step is None and first.steps == 2
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-1", "step-2"]
+    resumed = ppo.run(settings(steps=4, save_steps=1), spec, merge, data, tmp_path / "b", device="cpu",
+                      checkpoint_dir=ckpt)
+    straight = ppo.run(settings(steps=4, save_steps=1), spec, merge, data, tmp_path / "c", device="cpu")
+    assert resumed.resumed_from_step == 2 and resumed.steps == 4
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-3", "step-4"]  # keeps the last two
+    log_b = json.loads((tmp_path / "b" / "ppo_log.json").read_text())
+    log_c = json.loads((tmp_path / "c" / "ppo_log.json").read_text())
+    assert [e["step"] for e in log_b] == [1, 2, 3, 4]
+    for key in ("reward_mean", "kl", "policy_loss", "value_loss"):  # 2 + 2 steps == 4 steps
+        assert [e[key] for e in log_b] == [e[key] for e in log_c], key
+
+    assert Path(resumed.value_head_path).is_file() and resumed.merged_path is None
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(merge.merged_path), resumed.adapter_path)
+    logits = model(**model_inputs(resumed.adapter_path)).logits
+    assert torch.isfinite(logits).all()
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # it was trained
+
+
+def model_inputs(tokenizer_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tokenizer_path)(["The movie was"], return_tensors="pt")
+
+
+def test_merge_adapter_writes_a_plain_checkpoint(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+    merge, data = inputs(tmp_path, tiny_model, [{"prompt": "The movie was", "completion": "good"}] * 4)
+    result = ppo.run(settings(steps=1, merge_adapter=True), ModelSpec(source=str(tiny_model)), merge, data,
+                     tmp_path / "ppo", device="cpu")
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_path)
+    assert torch.isfinite(merged(**model_inputs(result.merged_path)).logits).all()
+
+
+def test_non_finite_loss_raises(tiny_model, tmp_path):
+    merge, data = inputs(tmp_path, tiny_model, [{"prompt": "The movie was", "completion": "good"}] * 4)
+    s = settings(steps=1, reward=RewardSettings(kind="function", function="ppo_rewards:huge"))
+    with pytest.raises(TrainingDiverged, match="ppo: loss became"):
+        ppo.run(s, ModelSpec(source=str(tiny_model)), merge, data, tmp_path / "ppo", device="cpu")
+    assert not (tmp_path / "ppo").exists()
+
+
+def test_evaluate_policy(tiny_model, tmp_path):
+    from peft import get_peft_model
+    s, spec = settings(), ModelSpec(source=str(tiny_model))
+    fresh = tmp_path / "fresh"
+    get_peft_model(load_causal_lm(tiny_model, spec, "cpu"), lora_config(s.lora)).save_pretrained(fresh)
+    out = ppo.evaluate_policy(str(tiny_model), str(fresh), spec, s, QUERIES, seed=3, max_new_tokens=5)
+    assert out["kl_ppo"] == 0.0  # a fresh adapter is the SFT model: same samples, zero KL
+    assert out["reward_ppo"] == out["reward_sft"]
+    assert [x["sft"] for x in out["samples"]] == [x["ppo"] for x in out["samples"]]
+    assert [x["query"] for x in out["samples"]] == QUERIES
+
+    merge, data = inputs(tmp_path, tiny_model, [{"prompt": q, "completion": "x"} for q in QUERIES])
+    trained = ppo.run(settings(steps=3, learning_rate=2e-2), spec, merge, data, tmp_path / "ppo", device="cpu")
+    out = ppo.evaluate_policy(str(tiny_model), trained.adapter_path, spec, s, QUERIES, seed=3)
+    assert all(math.isfinite(out[k]) for k in ("reward_sft", "reward_ppo", "kl_ppo"))
+    assert out["kl_ppo"] > -0.5  # an unbiased estimate of a KL: non-negative up to sampling noise
+    assert len(out["samples"]) == len(QUERIES)
+
+
+def test_build_queries_takes_openings_or_prompts(tiny_model, tmp_path):
+    tok = ppo.load_tokenizer(tiny_model)
+    _, text = inputs(tmp_path, tiny_model, [{"text": "The film was a quiet triumph of craft and care."}] * 20)
+    queries = ppo.build_queries(text.train_path, tok, settings(query_min_tokens=2, query_max_tokens=4), seed=0)
+    lengths = {len(tok(q, add_special_tokens=False).input_ids) for q in queries}
+    assert lengths <= {2, 3, 4} and len(lengths) > 1
+    assert all("The film was a quiet triumph".startswith(q) for q in queries)
+    _, inst = inputs(tmp_path, tiny_model, [{"prompt": "指示: 挨拶\n", "completion": "応答: こんにちは"}])
+    assert ppo.build_queries(inst, tok, settings(), seed=0) == ["指示: 挨拶\n"]
+
