@@ -28,6 +28,7 @@ from tasks.sft import build_trainer  # noqa: E402
 
 ARCH, SEQ, BATCH, STEPS, VARIANT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))
+DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a dry run of the script on a tiny checkpoint
 levers = set(VARIANT.split(","))
 
 
@@ -68,12 +69,14 @@ def main():
         t: list = []
 
         def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
             Clock.t.append(time.perf_counter())
 
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    trainer = build_trainer(settings, spec, model_res, data, "cuda", work / "ckpt", seed=42)
+    trainer = build_trainer(settings, spec, model_res, data, DEVICE, work / "ckpt", seed=42)
     load_s = time.time() - t0
     trainer.add_callback(Clock())
     trainer.train()
@@ -84,9 +87,9 @@ def main():
     print(json.dumps({
         "arch": ARCH, "variant": VARIANT, "seq": SEQ, "batch": BATCH, "steps_timed": steps,
         "tokens_per_s": round(steps * BATCH * SEQ / dt), "s_per_step": round(dt / steps, 3),
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "load_s": round(load_s, 1), "loss_windows": losses, "gpu": torch.cuda.get_device_name(0),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if DEVICE == "cuda" else None,
+        "load_s": round(load_s, 1), "loss_windows": losses, "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
     }), flush=True)
 
 

@@ -268,15 +268,18 @@ def run(settings: PpoSettings, spec: ModelSpec, merge: MergeResult, data: DataRe
         batch_queries = [queries[i] for i in rng.sample(range(len(queries)), min(settings.batch_size, len(queries)))]
         length = rng.randint(settings.response_min_tokens, settings.response_max_tokens)
         batch = rollout(policy, tok, batch_queries, settings, length, eos_ids)
+        t_rollout = time.time()
         scores = score(reward_fn, tok, batch)
         kl, entropy = advantages(policy, batch, scores, settings, kl_ctl.value)
+        t_update = time.time()
         stats = update(model, optimizer, accelerator, params, batch, settings, step)
         all_scores, all_kl = accelerator.gather(scores), accelerator.gather(kl)
         entry = {"step": step, "reward_mean": all_scores.mean().item(),
                  "reward_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
                  "kl": all_kl.mean().item(), "kl_coef": kl_ctl.value, "entropy": entropy.item(), **stats,
                  "response_length": batch["response_mask"].sum(1).float().mean().item(),
-                 "step_seconds": time.time() - t_step}
+                 "step_seconds": time.time() - t_step, "rollout_seconds": t_rollout - t_step,
+                 "update_seconds": time.time() - t_update}
         kl_ctl.update(entry["kl"], settings.batch_size * accelerator.num_processes)
         log.append(entry)
         bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{entry['kl']:.3f}")

@@ -1,0 +1,125 @@
+"""shomin's PPO stage on a random-weight model of a real shape, on one GPU: peak memory
+and seconds per PPO step, split into generation (rollout) and the rest (scoring,
+reference pass, PPO update). Seed 003 claims the 20B chain fits a 24 GB GPU.
+
+Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS
+  ARCH: neox20b | neox7b | llama7b      QUANT: 8bit | 4bit | none
+Prints one JSON line. Needs: torch, transformers, peft, accelerate, bitsandbytes (carry wheels).
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+sys.path.insert(0, str(BENCH))
+from tasks import ppo  # noqa: E402
+from tasks.config import LoraSettings, ModelSpec, PpoSettings  # noqa: E402
+from tasks.data import DataResult  # noqa: E402
+from tasks.merge import MergeResult  # noqa: E402
+from tasks.reward import RewardSettings  # noqa: E402
+
+ARCH, QUANT = sys.argv[1], sys.argv[2]
+QUERIES, NEW_TOKENS, STEPS = map(int, sys.argv[3:6])
+SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))
+DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a dry run of the script on the tiny shape
+
+SHAPES = {  # the shapes of ../shared/bench/stock_qlora_sft.py
+    "neox20b": ("gpt_neox", dict(hidden_size=6144, intermediate_size=24576, num_hidden_layers=44,
+                                 num_attention_heads=64, vocab_size=50432, max_position_embeddings=2048,
+                                 rotary_pct=0.25, use_parallel_residual=True)),
+    "neox7b": ("gpt_neox", dict(hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+                                num_attention_heads=32, vocab_size=52224, max_position_embeddings=2048,
+                                rotary_pct=1.0, use_parallel_residual=False)),
+    "tiny": ("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              vocab_size=512, max_position_embeddings=256, rotary_pct=0.25)),
+    "llama7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                              max_position_embeddings=4096)),
+}
+
+
+def reward(texts):
+    """Cheap and learnable: share of tokens that are even-numbered words. The reward
+    model's cost is not what this benchmark measures."""
+    out = []
+    for t in texts:
+        words = t.split()
+        out.append(sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in words) / max(len(words), 1))
+    return out
+
+
+def tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def checkpoint() -> Path:
+    """Random weights in fp16 (the dtype the merge stage writes), written once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path = SCRATCH / f"ppo_{ARCH}"
+    if (path / "config.json").exists():
+        return path
+    model_type, kw = SHAPES[ARCH]
+    config = AutoConfig.for_model(model_type, **kw)
+    t = time.time()
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    model.save_pretrained(path, max_shard_size="4GB")
+    tokenizer(config.vocab_size).save_pretrained(path)
+    del model
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    print(f"checkpoint {ARCH} written in {time.time() - t:.0f}s", flush=True)
+    return path
+
+
+def main():
+    path = checkpoint()
+    vocab = SHAPES[ARCH][1]["vocab_size"]
+    work = Path(tempfile.mkdtemp(prefix="shomin-ppo-"))
+    g = torch.Generator().manual_seed(0)
+    with open(work / "train.jsonl", "w") as f:
+        for _ in range(256):
+            f.write(json.dumps({"text": " ".join(f"t{i}" for i in torch.randint(3, vocab, (12,), generator=g).tolist())}) + "\n")
+    data = DataResult(stage="dataset", output_dir=str(work), train_path=str(work / "train.jsonl"),
+                      eval_path=str(work / "train.jsonl"), format="text", n_train=256, n_eval=0)
+    merge = MergeResult(stage="merge", output_dir=str(path), merged_path=str(path))
+    spec = ModelSpec(source=str(path), dtype="float16")
+    settings = PpoSettings(
+        quantization=QUANT, steps=STEPS, batch_size=QUERIES, mini_batch_size=4,
+        response_min_tokens=NEW_TOKENS, response_max_tokens=NEW_TOKENS, save_steps=10**6,
+        lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=["query_key_value"] if "neox" in ARCH else "all-linear"),
+        reward=RewardSettings(kind="function", function="gpu_ppo:reward"))
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    result = ppo.run(settings, spec, merge, data, work / "ppo", device=DEVICE, seed=0)
+    log = json.loads((work / "ppo" / "ppo_log.json").read_text())
+    timed = log[1:] or log  # the first step carries CUDA/cuBLAS warm-up
+    mean = lambda k: sum(e[k] for e in timed) / len(timed)  # noqa: E731
+    print(json.dumps({
+        "arch": ARCH, "quant": QUANT, "queries": QUERIES, "new_tokens": NEW_TOKENS, "steps": len(log),
+        "s_per_step": round(mean("step_seconds"), 2), "rollout_s": round(mean("rollout_seconds"), 2),
+        "update_s": round(mean("update_seconds"), 2),
+        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if DEVICE == "cuda" else None,
+        "stage_s": round(time.time() - t0, 1), "reward_first": round(log[0]["reward_mean"], 3),
+        "reward_last": round(log[-1]["reward_mean"], 3), "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+        "resumed": result.resumed_from_step,
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
