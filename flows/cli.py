@@ -1,4 +1,4 @@
-"""The `shomin` command: run | validate | list | plan.
+"""The `shomin` command: run | validate | list | plan | schema | serve | server | runs.
 
 Exit codes: 0 success, 2 bad configuration or input (one line on stderr naming
 the file, field or row; no traceback), 1 a failure while running.
@@ -97,6 +97,110 @@ def cmd_run(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- operations: schema, server, serve, runs
+
+
+def cmd_schema(args) -> int:
+    import json
+    print(json.dumps(config_schema(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def config_schema() -> dict:
+    """JSON Schema of pipelines.yaml (pipelines.schema.json is this, for the YAML language server)."""
+    from tasks.config import Config
+    schema = Config.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://shomin.invalid/pipelines.schema.json",
+            "title": "shomin pipelines.yaml",
+            "description": "Pipelines of shomin; all settings are the pydantic classes in tasks/config.py.",
+            **{k: v for k, v in schema.items() if k != "title"}}
+
+
+def _server_api_url() -> str | None:
+    """PREFECT_API_URL, else the Prefect server `shomin server --detach` left running here."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    from flows import server
+    running = server.load(".")
+    s = running.get("prefect") if running else None
+    return f"{s.url}/api" if s and server.alive(s) else None
+
+
+def cmd_serve(args) -> int:
+    from tasks.config import load_config
+    load_config(args.file)  # a bad file is exit 2 before anything starts
+    api = args.api_url or _server_api_url()
+    if not api:
+        return _fail("serve needs a Prefect server: start one with `shomin server` (or `--detach`), "
+                     "or set PREFECT_API_URL", 2)
+    os.environ["PREFECT_API_URL"] = api
+    os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
+    from flows.deploy import scheduled, serve
+    names = [p.name for p in scheduled(args.file, args.pipelines or None)]
+    print(f"shomin: serving {', '.join(names) or 'nothing'} against {api}"
+          f"{' (quiet)' if not args.progress else ''}; Ctrl-C stops", file=sys.stderr)
+    serve(args.file, args.pipelines or None, workdir=".", quiet=not args.progress, limit=args.limit)
+    return 0
+
+
+def cmd_server(args) -> int:
+    from flows import server
+    if args.stop:
+        running = server.load(".")
+        if not running:
+            print("shomin: no detached servers recorded in .prefect/")
+            return 0
+        running.stop()
+        print("shomin: stopped " + ", ".join(f"{s.name} ({s.url})" for s in running.servers))
+        return 0
+    if args.status:
+        running = server.load(".")
+        for s in (running.servers if running else []):
+            print(f"{s.name:8} {s.url:28} {'up' if server.alive(s) else 'down'}  pid {s.pid}  log {s.log}")
+        return 0
+    try:
+        servers = server.start(".", prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
+                               prefect=not args.no_prefect, mlflow=not args.no_mlflow)
+    except (RuntimeError, TimeoutError) as e:
+        return _fail(str(e), 1)
+    for s in servers.servers:
+        print(f"shomin: {s.name} UI at {s.url}  (log {s.log})")
+    if servers.get("prefect"):
+        print(f"  export PREFECT_API_URL={servers.prefect_api_url}")
+    if servers.get("mlflow"):
+        print(f"  export MLFLOW_TRACKING_URI=sqlite:///{Path('mlflow.db').resolve()}   # or {servers.get('mlflow').url}")
+        print(f"  export SHOMIN_MLFLOW_UI={servers.get('mlflow').url}")
+    if args.detach:
+        state = servers.save()
+        print(f"shomin: running in the background ({state}); `shomin server --stop` stops them")
+        return 0
+    print("shomin: Ctrl-C stops them", flush=True)
+    import signal
+    import time
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while all(s.proc.poll() is None for s in servers.servers):
+            time.sleep(1)
+        dead = [s.name for s in servers.servers if s.proc.poll() is not None]
+        return _fail(f"{', '.join(dead)} server exited; see its log", 1)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        servers.stop()
+
+
+def cmd_runs(args) -> int:
+    from flows.runs import collect, render
+    rows = collect(args.file, args.pipeline, workdir=".", mlflow=not args.no_mlflow, limit=args.limit)
+    if args.json:
+        import json
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(render(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shomin", description="Declarative LLM fine-tuning pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +225,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("pipeline")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pl.set_defaults(fn=cmd_plan)
+
+    sub.add_parser("schema", help="print the JSON Schema of pipelines.yaml").set_defaults(fn=cmd_schema)
+    sv = with_file(sub.add_parser("serve", help="register the scheduled pipelines as Prefect deployments and run them"))
+    sv.add_argument("pipelines", nargs="*", metavar="PIPELINE", help="default: every pipeline with a schedule")
+    sv.add_argument("--api-url", help="Prefect API (default $PREFECT_API_URL or the `shomin server` here)")
+    sv.add_argument("--progress", action="store_true", help="keep progress bars (scheduled runs are quiet by default)")
+    sv.add_argument("--limit", type=int, default=1, help="flow runs at once (default 1: one GPU)")
+    sv.set_defaults(fn=cmd_serve)
+    se = sub.add_parser("server", help="start Prefect and MLflow servers on 127.0.0.1 (state in this folder)")
+    se.add_argument("--prefect-port", type=int, default=4200)
+    se.add_argument("--mlflow-port", type=int, default=5000)
+    se.add_argument("--no-prefect", action="store_true")
+    se.add_argument("--no-mlflow", action="store_true")
+    se.add_argument("--detach", action="store_true", help="leave them running in the background")
+    se.add_argument("--stop", action="store_true", help="stop servers started with --detach")
+    se.add_argument("--status", action="store_true", help="show servers started with --detach")
+    se.set_defaults(fn=cmd_server)
+    ru = with_file(sub.add_parser("runs", help="list past runs: status, stage times, key metrics"))
+    ru.add_argument("pipeline", nargs="?")
+    ru.add_argument("--limit", type=int, default=20, help="most recent N per pipeline")
+    ru.add_argument("--no-mlflow", action="store_true", help="only summary.json files")
+    ru.add_argument("--json", action="store_true")
+    ru.set_defaults(fn=cmd_runs)
     return parser
 
 

@@ -6,6 +6,7 @@ summary.json and mirrors them to MLflow. No ML happens here.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -101,6 +102,15 @@ def run_stages(p: Pipeline, run: StageRunner, device: str) -> dict[str, StageRes
     return out
 
 
+def _publish(summary: dict, results: dict, tracker: Tracker, p: Pipeline) -> None:
+    """Prefect artifacts, MLflow plots/tables (flows/artifacts.py); never fails a run."""
+    try:
+        from flows.artifacts import publish_artifacts
+        publish_artifacts(summary, results, tracker, p)
+    except Exception as e:  # noqa: BLE001 - a picture must never cost a finished run
+        print(f"shomin: warning: could not publish artifacts ({type(e).__name__}: {e})", file=sys.stderr)
+
+
 @flow(name="shomin", flow_run_name=_flow_run_name, validate_parameters=False)
 def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list[str] | None = None,
                   run_id: str | None = None, refresh: bool = False, workdir: str = ".") -> dict:
@@ -119,9 +129,11 @@ def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list
     except BaseException as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         rundir.finish("failed", message)
+        _publish(rundir.summary, {}, tracker, p)  # stage artifacts are in the summary
         tracker.finish("failed")
         raise
     rundir.finish("completed")
+    _publish(rundir.summary, results, tracker, p)
     tracker.finish("completed", (results.get("evaluate") or StageResult(stage="", output_dir="")).metrics)
     return rundir.summary
 

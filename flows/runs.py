@@ -1,0 +1,134 @@
+"""`shomin runs [PIPELINE]`: past runs from runs/<pipeline>/*/summary.json and MLflow.
+
+summary.json says what this machine ran (status, per-stage status and seconds,
+metrics); the MLflow parent runs add what the tracking store knows: runs made
+elsewhere against the same store, and the final metrics.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+KEY_METRICS = ("loss_before", "loss_after", "perplexity_after", "reward_sft", "reward_ppo", "kl_ppo")
+SHORT = {"loss_before": "loss0", "loss_after": "loss", "perplexity_after": "ppl", "reward_sft": "r_sft",
+         "reward_ppo": "r_ppo", "kl_ppo": "kl"}
+
+
+def _pipelines(config_path: str | Path, workdir: Path) -> dict[str, Any]:
+    """name -> Pipeline (or None when only a runs/ folder is known)."""
+    try:
+        from tasks.config import load_config
+        found: dict[str, Any] = dict(load_config(config_path).pipelines)
+    except Exception:  # noqa: BLE001 - listing must work with a broken or missing file
+        found = {}
+    runs_root = workdir / "runs"
+    if runs_root.is_dir():
+        for d in sorted(runs_root.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and d.name not in found and any(d.glob("*/summary.json")):
+                found[d.name] = None
+    return found
+
+
+def _from_summary(path: Path) -> dict | None:
+    try:
+        s = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    metrics: dict[str, float] = {}
+    for stage in ("ppo", "evaluate"):
+        metrics.update((s.get("stages", {}).get(stage) or {}).get("metrics") or {})
+    return {"pipeline": s.get("pipeline"), "run_id": s.get("run_id"), "status": s.get("status"),
+            "started_at": s.get("started_at"), "seconds": s.get("seconds"), "error": s.get("error"),
+            "stages": {k: {"status": v.get("status"), "seconds": v.get("seconds")} for k, v in s.get("stages", {}).items()},
+            "metrics": {k: metrics[k] for k in KEY_METRICS if k in metrics},
+            "mlflow_run_id": s.get("mlflow_run_id"), "prefect_flow_run_id": s.get("prefect_flow_run_id"),
+            "summary": str(path), "source": "summary"}
+
+
+def _mlflow_runs(name: str, pipeline: Any, workdir: Path, limit: int) -> list[dict]:
+    from tasks.config import Tracking
+    from tasks.tracking import tracking_uri
+    tracking = pipeline.tracking if pipeline is not None else Tracking()
+    uri = tracking_uri(tracking, workdir)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []  # never create an empty store just to list it
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(tracking.experiment or name)
+    if exp is None:
+        return []
+    out = []
+    for r in client.search_runs([exp.experiment_id], filter_string=f"tags.pipeline = '{name}'",
+                                order_by=["attributes.start_time DESC"], max_results=limit * 10):
+        tags = r.data.tags
+        if "mlflow.parentRunId" in tags or "run_id" not in tags:
+            continue
+        seconds = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time and r.info.start_time else None
+        out.append({"pipeline": name, "run_id": tags["run_id"], "mlflow_run_id": r.info.run_id,
+                    "mlflow_status": r.info.status, "seconds": seconds,
+                    "metrics": {k: r.data.metrics[k] for k in KEY_METRICS if k in r.data.metrics},
+                    "started_at": _iso(r.info.start_time), "source": "mlflow"})
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _iso(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    from datetime import datetime, timezone
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
+
+
+def collect(config_path: str | Path = "pipelines.yaml", only: str | None = None, workdir: str | Path = ".",
+            mlflow: bool = True, limit: int = 20) -> list[dict]:
+    workdir = Path(workdir).resolve()
+    rows: list[dict] = []
+    for name, p in _pipelines(config_path, workdir).items():
+        if only and name != only:
+            continue
+        root = workdir / (p.output_dir if p is not None else "runs") / name
+        local = [r for r in (_from_summary(f) for f in root.glob("*/summary.json")) if r]
+        local.sort(key=lambda r: (r.get("started_at") or "", r.get("run_id") or ""), reverse=True)
+        by_id = {r["run_id"]: r for r in local[:limit]}
+        if mlflow:
+            try:
+                remote = _mlflow_runs(name, p, workdir, limit)
+            except Exception as e:  # noqa: BLE001 - a store that cannot be read leaves the local list
+                remote = []
+                for r in by_id.values():
+                    r["mlflow_error"] = str(e).splitlines()[0][:200]
+            for m in remote:
+                if m["run_id"] in by_id:
+                    r = by_id[m["run_id"]]
+                    r["mlflow_status"] = m["mlflow_status"]
+                    r["metrics"] = {**m["metrics"], **r["metrics"]}
+                    r["source"] = "summary+mlflow"
+                else:
+                    by_id[m["run_id"]] = {**m, "status": m["mlflow_status"].lower(), "stages": {}}
+        merged = sorted(by_id.values(), key=lambda r: (r.get("started_at") or "", r["run_id"]), reverse=True)
+        rows.extend(merged[:limit])
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    if not rows:
+        return "no runs yet (runs/<pipeline>/*/summary.json or MLflow)"
+    lines = [f"{'PIPELINE':18} {'RUN ID':24} {'STATUS':10} {'STARTED':20} {'TIME':>8}  STAGES / METRICS"]
+    for r in rows:
+        started = (r.get("started_at") or "")[:19].replace("T", " ")
+        secs = f"{r['seconds']:.0f}s" if isinstance(r.get("seconds"), (int, float)) else "—"
+        stages = " ".join(f"{k}:{_stage_cell(v)}" for k, v in (r.get("stages") or {}).items())
+        metrics = " ".join(f"{SHORT.get(k, k)}={v:.4g}" for k, v in (r.get("metrics") or {}).items())
+        lines.append(f"{r['pipeline']:18} {r['run_id']:24} {r.get('status') or '?':10} {started:20} {secs:>8}  {stages}")
+        if metrics or r.get("error"):
+            lines.append(f"{'':84}{metrics}{'  error: ' + r['error'][:80] if r.get('error') else ''}")
+    return "\n".join(lines)
+
+
+def _stage_cell(v: dict) -> str:
+    status = v.get("status") or "?"
+    mark = {"completed": "", "cached": "(c)", "failed": "(FAILED)"}.get(status, f"({status})")
+    secs = v.get("seconds")
+    return (f"{secs:.1f}s" if isinstance(secs, (int, float)) else "—") + mark
