@@ -33,8 +33,10 @@ ppo = weights at ppo.quantization + lora states + value head (16 B x (h+1)) +
 max(generation, activations + logits of one mini batch) — rollouts and updates
 alternate, and the reference policy is the same weights with the adapter disabled;
 evaluate = weights + max(one layer's activations + fp32 logits, generation KV cache).
-Nothing here is calibrated against measured peaks yet; each term is its own line in
-the table so that calibration can adjust one number at a time.
+  lora dropout (sft) (dtype B + 1) x s x b x in_features per adapted layer: the dropped-out
+              input copy and its mask (one layer's worth under checkpointing).
+Checked against peaks measured on an H100 by bench/plan_check.py (bench/results.json):
+within -11% .. +9% on llama7b/neox7b QLoRA and neox20b PPO.
 """
 from __future__ import annotations
 
@@ -187,14 +189,7 @@ def lora_params(shape: dict, lora: LoraSettings) -> int:
     """r x (in + out) per adapted layer. Matching follows PEFT: 'all-linear' = every Linear
     but the output layer; a list matches a name or a dotted suffix; another string is a
     regex on the full name (layer indices read as 0 here)."""
-    targets = lora.target_modules
-    def hit(name: str) -> bool:
-        if targets == "all-linear":
-            return True
-        if isinstance(targets, str):
-            return re.fullmatch(targets, name.replace("*", "0")) is not None
-        return any(name == t or name.endswith("." + t) for t in targets)
-    return sum(lora.r * (i + o) * n for name, (i, o, n) in shape["linears"].items() if hit(name))
+    return sum(lora.r * (i + o) * n for name, (i, o, n) in shape["linears"].items() if _hit(name, lora.target_modules))
 
 
 # ---------------------------------------------------------------- the arithmetic
@@ -221,8 +216,31 @@ def _activations(b: int, s: int, shape: dict, dtype_bytes: int, checkpointing: b
     return round(layers * k * s * b * h)
 
 
-def _logits(b: int, s: int, shape: dict, with_grad: bool = True) -> int:
-    return b * s * shape["vocab_size"] * 4 * (2 if with_grad else 1)
+def _lora_dropout(b: int, s: int, shape: dict, lora: LoraSettings, dtype_bytes: int, checkpointing: bool) -> int:
+    """LoRA with dropout > 0 keeps, per adapted layer, the dropped-out copy of its input
+    (dtype B) and the mask (1 B) for backward: (dtype B + 1) x s x b x in_features.
+    Measured on H100 (bench/plan_check.py), this is what a 34·s·b·h estimate misses.
+    With checkpointing only the recomputed layer holds it."""
+    if lora.dropout == 0:
+        return 0
+    per_model = sum(i * n for name, (i, o, n) in shape["linears"].items() if _hit(name, lora.target_modules))
+    total = (dtype_bytes + 1) * s * b * per_model
+    return round(total / shape["num_hidden_layers"]) if checkpointing else total
+
+
+def _hit(name: str, targets) -> bool:
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name.replace("*", "0")) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _logits(b: int, s: int, shape: dict, with_grad: bool = True, dtype_bytes: int = 4) -> int:
+    """fp32 logits (+ their gradient); a 16-bit model also keeps its own 16-bit logits
+    (and their gradient) beside the fp32 upcast the loss makes."""
+    per = 4 + (dtype_bytes if dtype_bytes < 4 else 0)
+    return b * s * shape["vocab_size"] * per * (2 if with_grad else 1)
 
 
 def _kv_cache(b: int, s: int, shape: dict, dtype_bytes: int) -> int:
@@ -241,9 +259,11 @@ def plan_memory(pipeline: Pipeline, shape: dict, device: str, free_bytes: int | 
     notes["sft.weights"] = notes["evaluate.weights"] = f"{spec.quantization}: model.quantization"
     if st.sft:
         b, s, n_lora = st.sft.micro_batch_size, st.sft.max_seq_length, lora_params(shape, st.sft.lora)
+        ckpt = st.sft.gradient_checkpointing
         stages["sft"] = {"weights": weights, "lora": 8 * n_lora, "optimizer": 8 * n_lora,
-                         "activations": _activations(b, s, shape, act_b, st.sft.gradient_checkpointing),
-                         "logits": _logits(b, s, shape)}
+                         "activations": _activations(b, s, shape, act_b, ckpt)
+                         + _lora_dropout(b, s, shape, st.sft.lora, act_b, ckpt),
+                         "logits": _logits(b, s, shape, dtype_bytes=act_b)}
         notes["sft.lora"] = f"{n_lora:,} params x (4 B weight + 4 B grad)"
         notes["sft.activations"] = f"b={b} s={s} checkpointing={st.sft.gradient_checkpointing}"
     if st.merge:
@@ -254,7 +274,8 @@ def plan_memory(pipeline: Pipeline, shape: dict, device: str, free_bytes: int | 
         w, _, pb = _weights(shape, ppo.quantization, spec, device)
         n_lora, s = lora_params(shape, ppo.lora), ppo.query_max_tokens + ppo.response_max_tokens
         gen = _kv_cache(ppo.batch_size, s, shape, pb)
-        act, logits = _activations(ppo.mini_batch_size, s, shape, pb, False), _logits(ppo.mini_batch_size, s, shape)
+        act = _activations(ppo.mini_batch_size, s, shape, pb, False)  # PPO runs in eval mode: no LoRA dropout copies
+        logits = _logits(ppo.mini_batch_size, s, shape, dtype_bytes=pb)
         stages["ppo"] = {"weights": w, "lora": 8 * n_lora, "optimizer": 8 * n_lora,
                          "value_head": 16 * (shape["hidden_size"] + 1), "generation": gen,
                          "activations": act, "logits": logits}

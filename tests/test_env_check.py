@@ -96,11 +96,17 @@ def test_activation_and_logit_terms(tiny_shape, tiny_config):
     small = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128)), tiny_shape, "cpu", None, None)
     big = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=4, max_seq_length=128)), tiny_shape, "cpu", None, None)
     assert big.activation_bytes == 2 * small.activation_bytes
-    assert small.activation_bytes == c.num_hidden_layers * 68 * 128 * 2 * c.hidden_size  # 34 B at 16-bit -> 68 in fp32
+    # LoRA dropout keeps a float32 copy of each adapted layer's input + a 1-byte mask:
+    # per Llama layer q,k,v,o,gate,up read h features and down reads intermediate_size
+    dropout_per_layer = (4 + 1) * 128 * 2 * (6 * c.hidden_size + c.intermediate_size)
+    assert small.activation_bytes == c.num_hidden_layers * (68 * 128 * 2 * c.hidden_size + dropout_per_layer)  # 34 B at 16-bit -> 68 in fp32
     assert small.logits_bytes == 2 * 128 * c.vocab_size * 4 * 2
     ckpt = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128, gradient_checkpointing=True)),
                        tiny_shape, "cpu", None, None)
-    assert ckpt.activation_bytes == (c.num_hidden_layers * 4 + 68) * 128 * 2 * c.hidden_size
+    assert ckpt.activation_bytes == (c.num_hidden_layers * 4 + 68) * 128 * 2 * c.hidden_size + dropout_per_layer
+    no_dropout = SftSettings(micro_batch_size=2, max_seq_length=128, lora={"dropout": 0.0})
+    assert plan_memory(pipeline("x", sft=no_dropout), tiny_shape, "cpu", None, None).activation_bytes \
+        == c.num_hidden_layers * 68 * 128 * 2 * c.hidden_size
     s = small.stages["sft"]
     assert s["total"] == small.weights_bytes + s["lora"] + s["optimizer"] + s["activations"] + s["logits"]
     assert small.generation_bytes == 0 and small.peak_stage == "sft" and small.fits is None
