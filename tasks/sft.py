@@ -79,7 +79,8 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
     tok = load_tokenizer(model_res.tokenizer_path, spec.trust_remote_code)
     model = load_causal_lm(model_res.model_path, spec, device)
     if spec.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(settings.lora))
     if device == "cpu":
         guard_bnb_cpu(model)
@@ -94,6 +95,8 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         weight_decay=settings.weight_decay, optim=settings.optim, max_length=settings.max_seq_length,
         completion_only_loss=settings.completion_only_loss if data.format == "instruction" else None,
         gradient_checkpointing=settings.gradient_checkpointing,
+        # non-reentrant checkpointing and no unused-parameter search: what DDP needs with a frozen base
+        gradient_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
         logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
         report_to="none", use_cpu=device == "cpu", bf16=bf16, fp16=False,
         dataloader_num_workers=0, disable_tqdm=False, use_liger_kernel=liger,
