@@ -21,28 +21,121 @@ def _quiet_environment() -> None:
         os.environ["PREFECT_HOME"] = str(Path(".prefect").resolve())
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"shomin: {message}", file=sys.stderr)
     return code
 
 
-def check_pipeline(p) -> None:
-    """Every check that needs no model: model source, local dataset rows and template."""
+def check_pipeline(p, file: str = "pipelines.yaml", before_run: bool = False) -> None:
+    """Every check that needs no model weights: model source, local dataset rows and template,
+    reward function, GPU-only settings. `before_run` adds what only a run needs: with
+    HF_HUB_OFFLINE set, hub models and datasets must already be cached. Errors are
+    ConfigError naming the file and the field path (or the dataset file and row)."""
+    from tasks.config import ConfigError
+    try:
+        _check_pipeline(p, before_run)
+    except ConfigError as e:
+        raise type(e)(_locate(str(e), file, p.name)) from None
+
+
+def _locate(msg: str, file: str, name: str) -> str:
+    """`model.source: ...` -> `FILE: pipelines.NAME.model.source: ...`; messages naming a data file stay as they are."""
+    if msg.startswith(("model.", "dataset.", "stages.", "device:")):
+        return f"{file}: pipelines.{name}.{msg}"
+    if msg.startswith("pipelines."):
+        return f"{file}: {msg}"
+    return msg
+
+
+def _check_pipeline(p, before_run: bool) -> None:
     from tasks import data, model
-    if p.stages.model_init or p.stages.sft:
-        model.check_source(p.model, f"pipelines.{p.name}.model.source")
-    if p.dataset is not None and not data.is_hub_source(p.dataset):
-        data.prepare(p.dataset, p.seed, p.stages.dataset)
-    if p.model.quantization == "8bit" or (p.stages.ppo and p.stages.ppo.quantization == "8bit"):
+    from tasks.config import ConfigError
+    if before_run:
+        model.resolve_device(p.device)  # cuda asked for, none here
+    if p.stages.model_init or p.stages.sft or p.stages.env_check:
+        model.check_source(p.model)
+        if before_run:
+            model.check_available(p.model, p.stages.model_init)
+    if p.dataset is not None and (before_run and model.hub_offline() or not data.is_hub_source(p.dataset)):
+        data.prepare(p.dataset, p.seed, p.stages.dataset)  # offline, a hub set is read from the cache
+    if _needs_gpu(p):
         import torch
         if p.device == "cpu" or not torch.cuda.is_available():
             where = "model.quantization" if p.model.quantization == "8bit" else "stages.ppo.quantization"
-            raise _config_error(f"pipelines.{p.name}.{where}: 8bit needs a CUDA GPU (none here); use 4bit or none")
+            raise ConfigError(f"{where}: 8bit needs a CUDA GPU (none here); use 4bit or none")
+    if p.stages.sft and p.stages.sft.kernels == "liger":
+        import importlib.util
+
+        import torch
+        if p.device == "cpu" or not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("stages.sft.kernels: liger needs CUDA and `pip install liger-kernel`; use auto or none")
+    if p.stages.ppo:
+        _check_reward(p.stages.ppo.reward, before_run)
 
 
-def _config_error(msg: str):
+def _check_reward(r, before_run: bool) -> None:
+    """The reward is built only after SFT and merge; whatever can be checked without loading it, is, now."""
+    from tasks import reward as rw
     from tasks.config import ConfigError
-    return ConfigError(msg)
+    try:
+        if r.kind == "function":
+            rw.build_reward(r)  # imports the module and finds the callable
+        elif r.kind == "hf-classifier":
+            config = _classifier_config(r.model, before_run)
+            if config is not None:
+                rw._label_index(config.get("id2label") or {}, r.positive_label, r.model)
+    except rw.RewardError as e:
+        where = "function" if r.kind == "function" else ("positive_label" if "positive_label" in str(e) else "model")
+        raise ConfigError(f"stages.ppo.reward.{where}: {e}") from None
+
+
+def _classifier_config(name: str, before_run: bool) -> dict | None:
+    """config.json of a reward classifier: local folder, or (offline, before a run) the hub cache."""
+    import json
+
+    from tasks import reward as rw
+    from tasks.model import hub_offline
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise rw.RewardError(f"reward model folder {name!r} has no config.json")
+        if not any(folder.glob("*.safetensors")):
+            raise rw.RewardError(f"reward model folder {name!r} has no .safetensors weights; only safetensors are loaded")
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if rw._looks_like_local_path(name) or folder.exists():
+        raise rw.RewardError(f"reward model folder {name!r} does not exist")
+    if before_run and hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            raise rw.RewardError(f"reward model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                                 "keeps the hub off; download it once with network access, or set `model` to a local folder")
+        return json.loads(Path(cached).read_text(encoding="utf-8"))
+    return None
+
+
+def prepare_tracking(p, workdir: str = ".") -> None:
+    """Create (or migrate) a sqlite MLflow store and the pipeline's experiment under a file lock.
+    Two first runs started at once would otherwise both run MLflow's schema migrations on
+    the same new database, or both create the experiment, and one of them would crash."""
+    from tasks.tracking import Tracker, tracking_uri
+    uri = tracking_uri(p.tracking, workdir)
+    if not uri.startswith("sqlite:///"):
+        return  # a server serialises this itself
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        return
+    with open(db.with_name(f".{db.name}.lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released on close, or when the process dies
+        Tracker(p.tracking, p.tracking.experiment or p.name, workdir)
 
 
 def cmd_validate(args) -> int:
@@ -50,7 +143,7 @@ def cmd_validate(args) -> int:
     config = load_config(args.file)
     for p in config.pipelines.values():
         if args.gpu_checks or not _needs_gpu(p):
-            check_pipeline(p)
+            check_pipeline(p, args.file)
     print(f"{args.file}: {len(config.pipelines)} pipelines valid ({', '.join(config.pipelines)})")
     return 0
 
@@ -81,15 +174,17 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from tasks.config import ConfigError, load_pipeline
     p = load_pipeline(args.file, args.pipeline, args.set)
-    check_pipeline(p)
+    check_pipeline(p, args.file, before_run=True)
+    prepare_tracking(p)
     from flows.pipeline import StageFailed, run_pipeline
+    from tasks.reward import RewardError
     try:
         summary = run_pipeline(args.pipeline, args.file, args.set, refresh=args.refresh,
                                on_start=lambda rid: print(f"shomin: {args.pipeline} run {rid}", file=sys.stderr))
     except StageFailed as e:
-        if isinstance(e.error, ConfigError):
-            return _fail(str(e.error), 2)
-        return _fail(f"{e}", 1)
+        if isinstance(e.error, (ConfigError, RewardError)):  # a user mistake found only inside a stage
+            return _fail(f"stage '{e.stage}': {_one_line(e.error)}", 2)
+        return _fail(_one_line(e), 1)
     run_dir = Path(p.output_dir) / p.name / summary["run_id"]
     print(f"shomin: {summary['status']}: {run_dir}/summary.json")
     for stage, entry in summary["stages"].items():
@@ -255,10 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_environment()
     from tasks.config import ConfigError
+    from tasks.reward import RewardError
     try:
         return args.fn(args)
-    except ConfigError as e:
-        return _fail(str(e), 2)
+    except (ConfigError, RewardError) as e:
+        return _fail(_one_line(e), 2)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 

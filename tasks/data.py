@@ -109,6 +109,11 @@ def _read_hub(spec: DatasetSpec) -> pd.DataFrame:
     try:
         ds = load_dataset(spec.source, split=spec.split)
     except Exception as e:
+        from huggingface_hub import constants
+        if constants.is_offline_mode():
+            raise DataError(f"dataset.source: '{spec.source}' split '{spec.split}' is not in the local cache and "
+                            "HF_HUB_OFFLINE=1 keeps the hub off; load it once with network access (unset "
+                            "HF_HUB_OFFLINE), or point dataset.source at a local .jsonl/.csv/.parquet") from None
         raise DataError(f"dataset.source: cannot load '{spec.source}' split '{spec.split}' "
                         f"({type(e).__name__}); check the id and network, or unset HF_HUB_OFFLINE") from None
     return ds.to_pandas()

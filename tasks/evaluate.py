@@ -17,7 +17,8 @@ import torch
 
 from tasks.config import EvaluateSettings, ModelSpec, PpoSettings
 from tasks.data import DataResult, read_jsonl
-from tasks.model import ModelResult, load_causal_lm, load_tokenizer, resolve_device
+from tasks.model import (ModelResult, OutOfMemory, load_causal_lm, load_tokenizer, oom_message, planned_peak_gib,
+                         resolve_device)
 from tasks.rundir import StageResult, staged_dir, write_json, write_text
 
 
@@ -86,8 +87,16 @@ def _free(model) -> None:
 
 
 def run(settings: EvaluateSettings, spec: ModelSpec, model_res: ModelResult, data: DataResult, out_dir: str | Path,
-        *, adapter_path: str | None = None, merged_path: str | None = None, ppo_adapter_path: str | None = None,
-        ppo_settings: PpoSettings | None = None, device: str = "auto", seed: int = 42) -> EvalResult:
+        **kwargs) -> EvalResult:
+    try:
+        return _run(settings, spec, model_res, data, out_dir, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise OutOfMemory(oom_message("evaluate", settings, planned_peak_gib(out_dir, "evaluate"))) from None
+
+
+def _run(settings: EvaluateSettings, spec: ModelSpec, model_res: ModelResult, data: DataResult, out_dir: str | Path,
+         *, adapter_path: str | None = None, merged_path: str | None = None, ppo_adapter_path: str | None = None,
+         ppo_settings: PpoSettings | None = None, device: str = "auto", seed: int = 42) -> EvalResult:
     t0 = time.time()
     device = resolve_device(device)
     torch.manual_seed(seed)

@@ -28,6 +28,23 @@ def check_adapter_matches(adapter_path: str | Path, model_res: ModelResult) -> N
     if base and Path(base).name != Path(model_res.model_path).name and base != model_res.model_path:
         raise ConfigError(f"merge: adapter {adapter_path} was trained on '{base}', "
                           f"not on this pipeline's base '{model_res.model_path}'")
+    # Same folder name is not the same model: where the adapter's base is still on disk, compare shapes.
+    theirs, ours = Path(str(base or "")) / "config.json", Path(model_res.model_path) / "config.json"
+    if base and theirs.is_file() and ours.is_file():
+        a, b = json.loads(theirs.read_text()), json.loads(ours.read_text())
+        for key in SHAPE_KEYS:
+            if a.get(key) != b.get(key):
+                raise ConfigError(f"merge: adapter {adapter_path} was trained on '{base}' with {key}={a.get(key)}, "
+                                  f"but this pipeline's base '{model_res.model_path}' has {key}={b.get(key)}")
+
+
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size")
+
+
+def _mismatch(e: RuntimeError) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
 
 
 def run(settings: MergeSettings, spec: ModelSpec, model_res: ModelResult, sft: SftResult,
@@ -39,7 +56,7 @@ def run(settings: MergeSettings, spec: ModelSpec, model_res: ModelResult, sft: S
     try:
         model = PeftModel.from_pretrained(base, sft.adapter_path)
     except RuntimeError as e:  # shape mismatch: adapter of a differently shaped model
-        raise ConfigError(f"merge: adapter {sft.adapter_path} does not fit the base ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"merge: adapter {sft.adapter_path} does not fit the base ({_mismatch(e)})") from None
     merged = model.merge_and_unload()
     tok = load_tokenizer(model_res.tokenizer_path, spec.trust_remote_code)
     with staged_dir(out_dir) as tmp:

@@ -29,7 +29,7 @@ from torch import nn
 from tasks.config import ConfigError, ModelSpec, PpoSettings
 from tasks.data import DataResult, read_jsonl
 from tasks.merge import MergeResult
-from tasks.model import load_causal_lm, load_tokenizer, resolve_device
+from tasks.model import OutOfMemory, load_causal_lm, load_tokenizer, oom_message, planned_peak_gib, resolve_device
 from tasks.ppo_math import (clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae, kl_controller,
                             logprobs_from_logits, shaped_rewards, whiten)
 from tasks.reward import build_reward
@@ -262,30 +262,33 @@ def run(settings: PpoSettings, spec: ModelSpec, merge: MergeResult, data: DataRe
 
     bar = tqdm(range(start + 1, settings.steps + 1), initial=start, total=settings.steps, desc="ppo",
                disable=not accelerator.is_local_main_process)
-    for step in bar:
-        t_step = time.time()
-        rng = random.Random(f"{seed}-{rank}-{step}")  # batch and length depend on the step only: resumable
-        batch_queries = [queries[i] for i in rng.sample(range(len(queries)), min(settings.batch_size, len(queries)))]
-        length = rng.randint(settings.response_min_tokens, settings.response_max_tokens)
-        batch = rollout(policy, tok, batch_queries, settings, length, eos_ids)
-        t_rollout = time.time()
-        scores = score(reward_fn, tok, batch)
-        kl, entropy = advantages(policy, batch, scores, settings, kl_ctl.value)
-        t_update = time.time()
-        stats = update(model, optimizer, accelerator, params, batch, settings, step)
-        all_scores, all_kl = accelerator.gather(scores), accelerator.gather(kl)
-        entry = {"step": step, "reward_mean": all_scores.mean().item(),
-                 "reward_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
-                 "kl": all_kl.mean().item(), "kl_coef": kl_ctl.value, "entropy": entropy.item(), **stats,
-                 "response_length": batch["response_mask"].sum(1).float().mean().item(),
-                 "step_seconds": time.time() - t_step, "rollout_seconds": t_rollout - t_step,
-                 "update_seconds": time.time() - t_update}
-        kl_ctl.update(entry["kl"], settings.batch_size * accelerator.num_processes)
-        log.append(entry)
-        bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{entry['kl']:.3f}")
-        if accelerator.is_main_process and (step % settings.save_steps == 0 or step == settings.steps):
-            save_checkpoint(ckpt_root, step, policy, optimizer, kl_ctl.value, log)
-        accelerator.wait_for_everyone()
+    try:
+        for step in bar:
+            t_step = time.time()
+            rng = random.Random(f"{seed}-{rank}-{step}")  # batch and length depend on the step only: resumable
+            batch_queries = [queries[i] for i in rng.sample(range(len(queries)), min(settings.batch_size, len(queries)))]
+            length = rng.randint(settings.response_min_tokens, settings.response_max_tokens)
+            batch = rollout(policy, tok, batch_queries, settings, length, eos_ids)
+            t_rollout = time.time()
+            scores = score(reward_fn, tok, batch)
+            kl, entropy = advantages(policy, batch, scores, settings, kl_ctl.value)
+            t_update = time.time()
+            stats = update(model, optimizer, accelerator, params, batch, settings, step)
+            all_scores, all_kl = accelerator.gather(scores), accelerator.gather(kl)
+            entry = {"step": step, "reward_mean": all_scores.mean().item(),
+                     "reward_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
+                     "kl": all_kl.mean().item(), "kl_coef": kl_ctl.value, "entropy": entropy.item(), **stats,
+                     "response_length": batch["response_mask"].sum(1).float().mean().item(),
+                     "step_seconds": time.time() - t_step, "rollout_seconds": t_rollout - t_step,
+                     "update_seconds": time.time() - t_update}
+            kl_ctl.update(entry["kl"], settings.batch_size * accelerator.num_processes)
+            log.append(entry)
+            bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{entry['kl']:.3f}")
+            if accelerator.is_main_process and (step % settings.save_steps == 0 or step == settings.steps):
+                save_checkpoint(ckpt_root, step, policy, optimizer, kl_ctl.value, log)
+            accelerator.wait_for_everyone()
+    except torch.cuda.OutOfMemoryError:
+        raise OutOfMemory(oom_message("ppo", settings, planned_peak_gib(out, "ppo"))) from None
 
     if accelerator.is_main_process:
         with staged_dir(out) as tmp:

@@ -8,13 +8,20 @@ so a killed run started again with the same command resumes from the last one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
 import time
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from tasks.config import LoraSettings, ModelSpec, SftSettings
 from tasks.data import DataResult, read_jsonl
-from tasks.model import ModelResult, guard_bnb_cpu, load_causal_lm, load_tokenizer, resolve_device
+from tasks.model import (ModelResult, OutOfMemory, guard_bnb_cpu, load_causal_lm, load_tokenizer, oom_message,
+                          planned_peak_gib, resolve_device)
 from tasks.rundir import StageResult, staged_dir, write_json
 
 
@@ -62,12 +69,26 @@ def use_liger(kernels: str, device: str, model) -> bool:
     return kernels != "none" and ok
 
 
+def _complete(ckpt: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off mid-save."""
+    import json
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(ckpt.glob("adapter_model.safetensors")) or any(ckpt.glob("model*.safetensors"))
+
+
 def last_checkpoint(folder: Path) -> tuple[str | None, int | None]:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* checkpoint-N under folder (a kill during a save leaves a partial newest one)."""
     if not folder.is_dir():
         return None, None
-    ckpt = get_last_checkpoint(str(folder))
-    return (ckpt, int(ckpt.rsplit("-", 1)[1])) if ckpt else (None, None)
+    found = [(int(p.name.rsplit("-", 1)[1]), p) for p in folder.glob("checkpoint-*")
+             if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit() and _complete(p)]
+    if not found:
+        return None, None
+    step, path = max(found)
+    return str(path), step
 
 
 def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult, data: DataResult,
@@ -114,9 +135,49 @@ def run(settings: SftSettings, spec: ModelSpec, model_res: ModelResult, data: Da
     device = resolve_device(device)
     out = Path(out_dir)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else out.with_name(f".{out.name}.checkpoints")
+    with checkpoint_lock(ckpt_root) as (ckpt_root, owned):
+        result = _train(settings, spec, model_res, data, out, device, seed, ckpt_root, t0)
+        if owned:  # the adapter is in the stage folder (and cached): the checkpoints have done their job
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+    return result
+
+
+@contextlib.contextmanager
+def checkpoint_lock(root: Path) -> Iterator[tuple[Path, bool]]:
+    """One process at a time trains into a checkpoint folder. A second run of the same inputs
+    started while the first is still training gets a private folder (removed afterwards)
+    instead of resuming from, or rotating away, the other's checkpoints. The lock dies with
+    its process, so a killed run never blocks the rerun that resumes it."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no protection, as before
+        yield root, True
+        return
+    with open(root.parent / f"{root.name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            private = root.with_name(f"{root.name}.concurrent-{os.getpid()}")
+            try:
+                yield private, False
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
+            return
+        try:
+            yield root, True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _train(settings: SftSettings, spec: ModelSpec, model_res: ModelResult, data: DataResult, out: Path,
+           device: str, seed: int, ckpt_root: Path, t0: float) -> SftResult:
     resume, resumed_step = last_checkpoint(ckpt_root)
-    trainer = build_trainer(settings, spec, model_res, data, device, ckpt_root, seed)
-    output = trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer = build_trainer(settings, spec, model_res, data, device, ckpt_root, seed)
+        output = trainer.train(resume_from_checkpoint=resume)
+    except torch.cuda.OutOfMemoryError:
+        raise OutOfMemory(oom_message("sft", settings, planned_peak_gib(out, "sft"))) from None
     if not math.isfinite(output.training_loss):
         raise TrainingDiverged(f"sft: training loss is {output.training_loss}; lower learning_rate or check the data")
     with staged_dir(out) as tmp:
