@@ -46,18 +46,31 @@ def _key_fn(stage: str):
 COMMON = dict(persist_result=True)
 
 
+def _transient(task, task_run, state) -> bool:
+    """Retry network hiccups, never a user mistake: a ConfigError fails the same way twice."""
+    from tasks.config import ConfigError
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - an unreadable state is no reason not to retry
+        return True
+    return not isinstance(error, ConfigError)
+
+
+RETRY = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
+
+
 @task(name="env_check", cache_policy=NO_CACHE, persist_result=False)
 def env_check_task(settings, pipeline, out_dir):
     # never cached: the machine's free memory is the point of this stage
     return env_check.run(settings, pipeline, out_dir)
 
 
-@task(name="model_init", cache_key_fn=_key_fn("model_init"), retries=2, retry_delay_seconds=10, **COMMON)
+@task(name="model_init", cache_key_fn=_key_fn("model_init"), **RETRY, **COMMON)
 def model_init_task(settings, spec, out_dir):
     return model.run(settings, spec, out_dir)
 
 
-@task(name="dataset", cache_key_fn=_key_fn("dataset"), retries=2, retry_delay_seconds=10, **COMMON)
+@task(name="dataset", cache_key_fn=_key_fn("dataset"), **RETRY, **COMMON)
 def dataset_task(settings, spec, seed, out_dir):
     return data.run(settings, spec, seed, out_dir)
 

@@ -119,3 +119,34 @@ def test_merged_matches_base_plus_adapter(chain_run, tiny_model):
     assert not list(Path(merged_dir).glob("*.bin"))
     assert (peft_logits - base_logits).abs().max() > 1e-3           # the adapter changed something
     assert torch.allclose(merged_logits, peft_logits, atol=2e-2, rtol=1e-2)  # fp16 rounding only
+
+
+def test_user_mistake_inside_a_stage_is_not_retried(tmp_path, tiny_model, monkeypatch):
+    """A ConfigError raised inside a task fails at once: retries are for network hiccups."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    from flows.pipeline import StageFailed, run_pipeline
+    from tasks.data import DataError
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "a", "input": "", "output": " "}\n', encoding="utf-8")
+    cfg = tmp_path / "pipelines.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        pipelines:
+          bad:
+            model: {{source: {tiny_model}}}
+            dataset: {{source: {rows}}}
+            stages: {{model_init: , dataset: }}
+    """))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageFailed) as e:   # straight into the flow: the CLI's pre-checks would stop it earlier
+        run_pipeline("bad", str(cfg))
+    assert isinstance(e.value.error, DataError)
+    (summary,) = (tmp_path / "runs" / "bad").glob("*/summary.json")
+    flow_run_id = json.loads(summary.read_text())["prefect_flow_run_id"]
+    with get_client(sync_client=True) as pc:
+        runs = pc.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                 sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
+    dataset_run = next(r for r in runs if r.name.startswith("dataset"))
+    assert dataset_run.state.is_failed() and dataset_run.run_count == 1
