@@ -42,7 +42,8 @@ def chain_run(tmp_path_factory, tiny_model):
     tmp_path = tmp_path_factory.mktemp("chain")
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(textwrap.dedent(CHAIN.format(model=tiny_model, data=ROOT / "data" / "dolly-ja-sample.jsonl")))
-    r = shomin("run", "tiny", cwd=tmp_path)
+    # --refresh: other tests in this session may have cached the same tiny stages already
+    r = shomin("run", "tiny", "--refresh", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (path,) = summaries(tmp_path)
     return tmp_path, json.loads(path.read_text()), r
