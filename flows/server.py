@@ -165,16 +165,8 @@ def start_prefect(workdir: str | Path = ".", port: int | None = None, host: str 
     home.mkdir(parents=True, exist_ok=True)
     logf = home / "server.log"
     env = {**prefect_env(home, port, host), **(extra_env or {})}
-    with open(logf, "ab") as out:
-        proc = subprocess.Popen(prefect_command(port, host), cwd=workdir, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    server = Server("prefect", f"http://{host}:{port}", f"http://{host}:{port}/api/health", proc, log=str(logf))
-    try:
-        wait_http(server.health, timeout, proc)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return _launch("prefect", prefect_command(port, host), workdir, env, logf,
+                   f"http://{host}:{port}", f"http://{host}:{port}/api/health", timeout)
 
 
 def start_mlflow(workdir: str | Path = ".", port: int | None = None, host: str = HOST,
@@ -185,10 +177,17 @@ def start_mlflow(workdir: str | Path = ".", port: int | None = None, host: str =
     logf = workdir / ".prefect" / "mlflow-server.log"
     logf.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
+    return _launch("mlflow", mlflow_command(workdir, port, host), workdir, env, logf,
+                   f"http://{host}:{port}", f"http://{host}:{port}/health", timeout)
+
+
+def _launch(name: str, command: list[str], workdir: Path, env: dict, logf: Path, url: str, health: str,
+            timeout: float) -> Server:
+    """Start a server in its own session (so stopping it stops its children) and wait until healthy."""
     with open(logf, "ab") as out:
-        proc = subprocess.Popen(mlflow_command(workdir, port, host), cwd=workdir, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    server = Server("mlflow", f"http://{host}:{port}", f"http://{host}:{port}/health", proc, log=str(logf))
+        proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    server = Server(name, url, health, proc, log=str(logf))
     try:
         wait_http(server.health, timeout, proc)
     except BaseException:

@@ -50,6 +50,15 @@ def make_tiny_model(folder: Path, vocab_size: int = 512, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_chain(model, *, sft: str, evaluate: str, extra: str = "") -> str:
+    """pipelines.yaml text for the whole chain on a tiny model; `extra` adds pipeline-level keys."""
+    data = ROOT / "data" / "dolly-ja-sample.jsonl"
+    return (f"pipelines:\n  tiny:\n    model: {{source: {model}}}\n    dataset: {{source: {data}}}\n"
+            + "".join(f"    {line}\n" for line in extra.strip().splitlines())
+            + "    stages:\n      env_check:\n      model_init:\n      dataset:\n"
+            f"      sft: {{{sft}}}\n      merge: {{dtype: float16}}\n      evaluate: {{{evaluate}}}\n")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

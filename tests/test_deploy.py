@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -16,26 +15,17 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_chain
 
 STAGES = ["env_check", "model_init", "dataset", "sft", "merge", "evaluate"]
-TINY = """
-pipelines:
-  tiny:
-    description: "tiny scheduled chain"
-    model: {{source: {model}}}
-    dataset: {{source: {data}}}
-    stages:
-      env_check:
-      model_init:
-      dataset:
-      sft: {{max_steps: 2, batch_size: 4, micro_batch_size: 4, max_seq_length: 48, learning_rate: 0.01, save_steps: 2, logging_steps: 1}}
-      merge: {{dtype: float16}}
-      evaluate: {{max_rows: 4, num_prompts: 1, max_new_tokens: 4, max_seq_length: 48}}
-    schedule:
-      cron: "* * * * *"
-      timezone: UTC
-      overrides: {{stages.evaluate.num_prompts: 2}}
+SFT = "max_steps: 2, batch_size: 4, micro_batch_size: 4, max_seq_length: 48, learning_rate: 0.01, save_steps: 2, logging_steps: 1"
+EVALUATE = "max_rows: 4, num_prompts: 1, max_new_tokens: 4, max_seq_length: 48"
+EXTRA = """
+description: "tiny scheduled chain"
+schedule:
+  cron: "* * * * *"
+  timezone: UTC
+  overrides: {stages.evaluate.num_prompts: 2}
 """
 
 
@@ -106,7 +96,7 @@ def test_schema_is_shipped_and_referenced(tmp_path):
 
 def test_serve_refuses_without_server_or_schedule(tmp_path, tiny_model):
     cfg = tmp_path / "pipelines.yaml"
-    cfg.write_text(textwrap.dedent(TINY.format(model=tiny_model, data=ROOT / "data" / "dolly-ja-sample.jsonl")))
+    cfg.write_text(tiny_chain(tiny_model, sft=SFT, evaluate=EVALUATE, extra=EXTRA))
     r = shomin("serve", "tiny", cwd=tmp_path)
     assert r.returncode == 2 and "needs a Prefect server" in r.stderr
     r = shomin("serve", "nope", cwd=tmp_path, env=cli_env(PREFECT_API_URL="http://127.0.0.1:9/api"))
@@ -162,7 +152,7 @@ def _kill_group(pid: int) -> None:
 def test_schedule_fires_and_completes_on_a_real_server(tmp_path, tiny_model):
     from flows.server import free_port
     cfg = tmp_path / "pipelines.yaml"
-    cfg.write_text(textwrap.dedent(TINY.format(model=tiny_model, data=ROOT / "data" / "dolly-ja-sample.jsonl")))
+    cfg.write_text(tiny_chain(tiny_model, sft=SFT, evaluate=EVALUATE, extra=EXTRA))
     env = cli_env(PREFECT_HOME=str(tmp_path / ".prefect"),
                   PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS="5",  # the server schedules runs promptly
                   PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS="1", PREFECT_API_SERVICES_SCHEDULER_MAX_RUNS="3",

@@ -6,34 +6,21 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_chain
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY = """
-pipelines:
-  tiny:
-    model: {{source: {model}}}
-    dataset: {{source: {data}}}
-    tracking: {{register: true}}
-    stages:
-      env_check:
-      model_init:
-      dataset:
-      sft: {{max_steps: 3, batch_size: 4, micro_batch_size: 4, max_seq_length: 48, learning_rate: 0.01, save_steps: 3, logging_steps: 1}}
-      merge: {{dtype: float16}}
-      evaluate: {{max_rows: 4, num_prompts: 2, max_new_tokens: 4, max_seq_length: 48}}
-"""
+SFT = "max_steps: 3, batch_size: 4, micro_batch_size: 4, max_seq_length: 48, learning_rate: 0.01, save_steps: 3, logging_steps: 1"
+EVALUATE = "max_rows: 4, num_prompts: 2, max_new_tokens: 4, max_seq_length: 48"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_local_run_has_plots_tables_tags_and_model_version(tmp_path, tiny_model):
     cfg = tmp_path / "pipelines.yaml"
-    cfg.write_text(textwrap.dedent(TINY.format(model=tiny_model, data=ROOT / "data" / "dolly-ja-sample.jsonl")))
+    cfg.write_text(tiny_chain(tiny_model, sft=SFT, evaluate=EVALUATE, extra="tracking: {register: true}"))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "tiny"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=200, env=env | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})

@@ -9,21 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_chain
 
-CHAIN = """
-pipelines:
-  tiny:
-    model: {{source: {model}}}
-    dataset: {{source: {data}}}
-    stages:
-      env_check:
-      model_init:
-      dataset:
-      sft: {{max_steps: 4, batch_size: 4, micro_batch_size: 4, max_seq_length: 64, learning_rate: 0.01, save_steps: 2, logging_steps: 1}}
-      merge: {{dtype: float16}}
-      evaluate: {{max_rows: 8, num_prompts: 2, max_new_tokens: 6, max_seq_length: 64}}
-"""
+SFT = "max_steps: 4, batch_size: 4, micro_batch_size: 4, max_seq_length: 64, learning_rate: 0.01, save_steps: 2, logging_steps: 1"
+EVALUATE = "max_rows: 8, num_prompts: 2, max_new_tokens: 6, max_seq_length: 64"
 
 
 def shomin(*args, cwd):
@@ -41,7 +30,7 @@ def summaries(workdir):
 def chain_run(tmp_path_factory, tiny_model):
     tmp_path = tmp_path_factory.mktemp("chain")
     cfg = tmp_path / "pipelines.yaml"
-    cfg.write_text(textwrap.dedent(CHAIN.format(model=tiny_model, data=ROOT / "data" / "dolly-ja-sample.jsonl")))
+    cfg.write_text(tiny_chain(tiny_model, sft=SFT, evaluate=EVALUATE))
     # --refresh: other tests in this session may have cached the same tiny stages already
     r = shomin("run", "tiny", "--refresh", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -122,14 +111,12 @@ def test_merged_matches_base_plus_adapter(chain_run, tiny_model):
     assert torch.allclose(merged_logits, peft_logits, atol=2e-2, rtol=1e-2)  # fp16 rounding only
 
 
-def test_user_mistake_inside_a_stage_is_not_retried(tmp_path, tiny_model, monkeypatch):
+def test_user_mistake_inside_a_stage_is_not_retried(tmp_path, tiny_model):
     """A ConfigError raised inside a task fails at once: retries are for network hiccups."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
-    from flows.pipeline import StageFailed, run_pipeline
-    from tasks.data import DataError
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"instruction": "a", "input": "", "output": " "}\n', encoding="utf-8")
     cfg = tmp_path / "pipelines.yaml"
@@ -140,10 +127,14 @@ def test_user_mistake_inside_a_stage_is_not_retried(tmp_path, tiny_model, monkey
             dataset: {{source: {rows}}}
             stages: {{model_init: , dataset: }}
     """))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(StageFailed) as e:   # straight into the flow: the CLI's pre-checks would stop it earlier
-        run_pipeline("bad", str(cfg))
-    assert isinstance(e.value.error, DataError)
+    # straight into the flow (the CLI's pre-checks would stop it earlier), in its own process so
+    # MLflow's process-wide tracking URI does not leak into later tests
+    code = ("from flows.pipeline import StageFailed, run_pipeline\n"
+            "try:\n    run_pipeline('bad', 'pipelines.yaml')\n"
+            "except StageFailed as e:\n    print('FAILED', type(e.error).__name__)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "FAILED DataError" in r.stdout, r.stderr[-2000:]
     (summary,) = (tmp_path / "runs" / "bad").glob("*/summary.json")
     flow_run_id = json.loads(summary.read_text())["prefect_flow_run_id"]
     with get_client(sync_client=True) as pc:

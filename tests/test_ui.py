@@ -9,28 +9,16 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.browser import Browser, find_chromium
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tiny_chain
 
 STAGES = ["env_check", "model_init", "dataset", "sft", "merge", "evaluate"]
-TINY = """
-pipelines:
-  tiny:
-    model: {{source: {model}}}
-    dataset: {{source: {data}}}
-    stages:
-      env_check:
-      model_init:
-      dataset:
-      sft: {{max_steps: 2, batch_size: 4, micro_batch_size: 4, max_seq_length: 48, learning_rate: 0.01, save_steps: 2, logging_steps: 1}}
-      merge: {{dtype: float16}}
-      evaluate: {{max_rows: 4, num_prompts: 2, max_new_tokens: 4, max_seq_length: 48}}
-"""
+SFT = "max_steps: 2, batch_size: 4, micro_batch_size: 4, max_seq_length: 48, learning_rate: 0.01, save_steps: 2, logging_steps: 1"
+EVALUATE = "max_rows: 4, num_prompts: 2, max_new_tokens: 4, max_seq_length: 48"
 
 
 def output_dir() -> Path:
@@ -47,7 +35,7 @@ def test_flow_run_page_shows_stages_and_evaluation(tmp_path, tiny_model):
         pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)")
     from flows.server import start_prefect
     cfg = tmp_path / "pipelines.yaml"
-    cfg.write_text(textwrap.dedent(TINY.format(model=tiny_model, data=ROOT / "data" / "dolly-ja-sample.jsonl")))
+    cfg.write_text(tiny_chain(tiny_model, sft=SFT, evaluate=EVALUATE))
     server = start_prefect(tmp_path, port=None, timeout=120)
     try:
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {
