@@ -173,6 +173,9 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     from tasks.config import ConfigError, load_pipeline
+    if args.quiet:  # no progress bars (cron, CI logs); the stage lines and errors stay
+        from flows.deploy import QUIET_ENV
+        os.environ.update(QUIET_ENV)
     p = load_pipeline(args.file, args.pipeline, args.set)
     check_pipeline(p, args.file, before_run=True)
     prepare_tracking(p)
@@ -311,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("pipeline")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. stages.sft.max_steps=10")
     r.add_argument("--refresh", action="store_true", help="ignore cached stages and run everything again")
+    r.add_argument("--quiet", action="store_true", help="no progress bars (for schedules and logs)")
     r.set_defaults(fn=cmd_run)
     v = with_file(sub.add_parser("validate", help="check a pipelines file and its local data, no model loaded"), True)
     v.add_argument("--gpu-checks", action="store_true", help="also check pipelines that need a GPU")

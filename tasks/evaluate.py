@@ -68,7 +68,8 @@ def answer(model, tok, prompts: list[str], max_new_tokens: int, device: str) -> 
     model.eval()
     tok.padding_side = "left"
     out = []
-    for p in prompts:
+    from tqdm.auto import tqdm
+    for p in tqdm(prompts, desc="answers", leave=False):
         x = tok(p, return_tensors="pt").to(device)
         y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         out.append(tok.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True).strip())

@@ -261,7 +261,7 @@ def run(settings: PpoSettings, spec: ModelSpec, merge: MergeResult, data: DataRe
     eos_ids = eos_token_ids(tok, policy.lm, policy.v_head.weight.device)
 
     bar = tqdm(range(start + 1, settings.steps + 1), initial=start, total=settings.steps, desc="ppo",
-               disable=not accelerator.is_local_main_process)
+               disable=not accelerator.is_local_main_process or os.environ.get("TQDM_DISABLE") == "1")
     try:
         for step in bar:
             t_step = time.time()
