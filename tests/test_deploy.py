@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import httpx
 import pytest
 import yaml
 
+from flows.server import stop_process_group
 from tests.conftest import ROOT, tiny_chain
 
 STAGES = ["env_check", "model_init", "dataset", "sft", "merge", "evaluate"]
@@ -130,23 +130,6 @@ def test_runs_lists_summaries_and_mlflow(tmp_path):
 # ---------------------------------------------------------------- slow: a real schedule on a real server
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    for _ in range(50):
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(330)
 def test_schedule_fires_and_completes_on_a_real_server(tmp_path, tiny_model):
@@ -217,12 +200,12 @@ def test_schedule_fires_and_completes_on_a_real_server(tmp_path, tiny_model):
         print(f"server up in {t_server:.1f}s, scheduled run completed {time.monotonic() - t0:.1f}s after start")
     finally:
         if serve_proc is not None:
-            _kill_group(serve_proc.pid)
+            stop_process_group(serve_proc.pid, grace=5)
             serve_proc.wait(timeout=10)
         r = shomin("server", "--stop", cwd=tmp_path, env=env, timeout=60)
         state = tmp_path / ".prefect" / "shomin-servers.json"
         if state.exists():  # --stop failed: kill what it recorded
             for entry in json.loads(state.read_text()):
-                _kill_group(entry["pid"])
+                stop_process_group(entry["pid"], grace=5)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2)
