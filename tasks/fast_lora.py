@@ -1,0 +1,117 @@
+"""One autograd function per LoRA linear layer: the SFT stage's `fused_lora` lever.
+
+PEFT computes a LoRA layer as a chain of separate ops: the base matmul, a defensive
+copy of its output, dropout into a new tensor, two thin matmuls, a multiply by the
+scale and an add, each reading and writing a full activation. On a 7B model at
+seq 2048 that is most of a step's memory traffic that is not a matmul. Here the
+forward is one base matmul plus `addmm_` of the low-rank term into its output, and
+the backward is written by hand:
+
+    y  = x W^T + b + s * (d(x) A^T) B^T          d = dropout, mask m, keep prob q
+    dB = s * g^T (d(x) A^T)
+    dA = (s * g B)^T d(x)
+    dx = g W + ((s * g B) A) * m / q
+
+Only d(x), the mask and the rank-r product are saved; the frozen 4-bit weight is
+dequantized again in the backward instead of being kept (bitsandbytes does the same).
+Anything this does not cover (DoRA and other variants, several active adapters,
+8-bit bases, merged or disabled adapters) keeps PEFT's own forward.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The base layer's weight as a dense [out, in] tensor in the compute dtype."""
+    w = base.weight
+    if type(w).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnbf
+        return bnbf.dequantize_4bit(w.data, w.quant_state).to(dtype)
+    return w.to(dtype)
+
+
+class LoraLinear(torch.autograd.Function):
+    """y = base(x) + s * B(A(dropped x)); see the module docstring for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, x_drop, mask, keep, base, lora_a, lora_b, scale):
+        dtype = x.dtype
+        x2, xd2 = x.reshape(-1, x.shape[-1]), x_drop.reshape(-1, x.shape[-1])
+        mask = None if mask is None else mask.reshape(-1, x.shape[-1])
+        bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
+        y = torch.nn.functional.linear(x2, dense_weight(base, dtype), bias)
+        low = xd2 @ lora_a.to(dtype).t()                       # [N, r]
+        y.addmm_(low, lora_b.to(dtype).t(), alpha=scale)       # the add and the scale ride on the GEMM
+        ctx.save_for_backward(xd2, mask, low, lora_a, lora_b)
+        ctx.base, ctx.scale, ctx.keep, ctx.in_shape = base, scale, keep, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xd2, mask, low, lora_a, lora_b = ctx.saved_tensors
+        dtype = xd2.dtype
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        g_low = (g @ b).mul_(ctx.scale)                         # [N, r]: gradient reaching A's output
+        grad_b = (g.t() @ low).mul_(ctx.scale)
+        grad_a = g_low.t() @ xd2
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if mask is None:
+                grad_x = g_low @ a
+            else:  # the dropout backward is mask * 1/keep: one fused kernel
+                grad_x = torch.ops.aten.native_dropout_backward(g_low @ a, mask, 1.0 / ctx.keep)
+            grad_x.addmm_(g, dense_weight(ctx.base, dtype))
+            grad_x = grad_x.view(ctx.in_shape)
+        return (grad_x, None, None, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None)
+
+
+def lora_linear(x: torch.Tensor, base: torch.nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scale: float, dropout: float, training: bool) -> torch.Tensor:
+    """Compute dtype follows autocast when it is on (bf16 training), else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    with torch.autocast(x.device.type, enabled=False):
+        if dropout > 0 and training:
+            with torch.no_grad():  # the mask is the only state dropout needs; the Function owns the gradient
+                x_drop, mask = torch.native_dropout(x, dropout, True)
+        else:
+            x_drop, mask = x, None
+        return LoraLinear.apply(x, x_drop, mask, 1.0 - dropout, base, lora_a, lora_b, scale)
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    adapters = [a for a in self.active_adapters if a in self.lora_A]
+    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
+            or adapters[0] in getattr(self, "lora_variant", {})):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = adapters[0]
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
+    return lora_linear(x, self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight,
+                       self.scaling[name], p, self.training)
+
+
+def supported(layer: torch.nn.Module) -> bool:
+    """LoRA on a dense or 4-bit linear, without LoRA bias; 8-bit bases need bnb's int8 matmul."""
+    from peft.tuners.lora import LoraLayer
+    if not isinstance(layer, LoraLayer) or not hasattr(layer, "lora_A"):
+        return False
+    base = layer.get_base_layer()
+    is_4bit = type(getattr(base, "weight", None)).__name__ == "Params4bit"
+    dense = type(base) is torch.nn.Linear
+    no_lora_bias = all(m.bias is None for m in layer.lora_B.values())
+    return (is_4bit or dense) and no_lora_bias and isinstance(getattr(layer, "lora_B", None), torch.nn.ModuleDict)
+
+
+def fuse_lora_layers(model: torch.nn.Module) -> int:
+    """Route every supported LoRA linear of `model` through LoraLinear; returns how many."""
+    n = 0
+    for module in model.modules():
+        if supported(module) and all(isinstance(m, torch.nn.Linear) for m in module.lora_A.values()):
+            module.forward = types.MethodType(_fused_forward, module)
+            n += 1
+    return n
