@@ -23,25 +23,12 @@ from tasks.config import LoraSettings, ModelSpec, PpoSettings  # noqa: E402
 from tasks.data import DataResult  # noqa: E402
 from tasks.merge import MergeResult  # noqa: E402
 from tasks.reward import RewardSettings  # noqa: E402
+from shapes import SHAPES  # noqa: E402
 
 ARCH, QUANT = sys.argv[1], sys.argv[2]
 QUERIES, NEW_TOKENS, STEPS = map(int, sys.argv[3:6])
 SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a dry run of the script on the tiny shape
-
-SHAPES = {  # the shapes of ../shared/bench/stock_qlora_sft.py
-    "neox20b": ("gpt_neox", dict(hidden_size=6144, intermediate_size=24576, num_hidden_layers=44,
-                                 num_attention_heads=64, vocab_size=50432, max_position_embeddings=2048,
-                                 rotary_pct=0.25, use_parallel_residual=True)),
-    "neox7b": ("gpt_neox", dict(hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
-                                num_attention_heads=32, vocab_size=52224, max_position_embeddings=2048,
-                                rotary_pct=1.0, use_parallel_residual=False)),
-    "tiny": ("gpt_neox", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              vocab_size=512, max_position_embeddings=256, rotary_pct=0.25)),
-    "llama7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                              max_position_embeddings=4096)),
-}
 
 
 def reward(texts):

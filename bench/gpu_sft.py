@@ -3,13 +3,19 @@
 
 Usage: python bench/gpu_sft.py ARCH SEQ BATCH STEPS VARIANT
   ARCH: a checkpoint the stock script wrote to $BENCH_DIR/rand_ARCH
-  VARIANT: comma-separated levers on top of the stock recipe (QLoRA nf4 + double
-           quant, LoRA r16 a16 all-linear, gradient checkpointing):
+  VARIANT: `default` (the SFT stage's own defaults: every lever below that is on by
+           default) or comma-separated levers on top of the stock recipe (QLoRA nf4 +
+           double quant, LoRA r16 a16 dropout 0.05 all-linear, gradient checkpointing):
              same      nothing changed (must match stock)
-             liger     fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy)
+             liger     fused Triton kernels (RMSNorm, SwiGLU, RoPE)
+             keep16    frozen norms/embeddings/LM head stay bf16 (no float32 residual stream)
+             fused     one autograd function per LoRA linear (tasks/fast_lora.py)
+             offload   checkpointed layer inputs in pinned host memory (tasks/offload.py)
              nockpt    no gradient checkpointing
              paged8    paged 8-bit AdamW
 Prints one JSON line like the stock script, plus the mean loss of each 10-step window.
+BENCH_LAYERS=n runs an n-layer copy of the shape (quick profiling); BENCH_PROFILE=1 prints
+torch.profiler's top CUDA kernels over two steps after warm-up.
 """
 import json
 import os
@@ -21,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tasks.config import LoraSettings, ModelSpec, SftSettings  # noqa: E402
 from tasks.data import DataResult  # noqa: E402
 from tasks.model import ModelResult  # noqa: E402
@@ -43,9 +50,51 @@ def toy_tokenizer(vocab: int, folder: Path) -> str:
     return str(folder)
 
 
+def short_checkpoint(layers: int) -> Path:
+    """The shape of ARCH with fewer layers: every per-layer cost is the same, at a fraction of the load time."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from shapes import SHAPES
+    path = SCRATCH / f"rand_{ARCH}_L{layers}"
+    if not (path / "config.json").exists():
+        model_type, kw = SHAPES[ARCH]
+        with torch.device(DEVICE):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**kw, "num_hidden_layers": layers}),
+                                                     dtype=torch.bfloat16)
+        model.save_pretrained(path)
+    return path
+
+
+class Profile:
+    """Callback: torch.profiler over steps 5 and 6, top kernels by CUDA time to stdout and $OUT."""
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _P(TrainerCallback):
+            prof = None
+
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == 4:
+                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                   torch.profiler.ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step == 6 and self.prof:
+                    torch.cuda.synchronize()
+                    self.prof.__exit__(None, None, None)
+                    table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+                    print(table, flush=True)
+                    out = Path(os.environ.get("OUT", "."))
+                    (out / f"profile_{ARCH}_{VARIANT}.txt").write_text(table)
+                    self.prof = None
+        return _P()
+
+
 def main():
     from transformers import AutoConfig, TrainerCallback
     path = SCRATCH / f"rand_{ARCH}"
+    if os.environ.get("BENCH_LAYERS"):
+        path = short_checkpoint(int(os.environ["BENCH_LAYERS"]))
     vocab = AutoConfig.from_pretrained(path).vocab_size
     work = Path(tempfile.mkdtemp(prefix="shomin-bench-"))
     g = torch.Generator().manual_seed(0)   # the stock script's data, row for row
@@ -58,12 +107,14 @@ def main():
     model_res = ModelResult(stage="model_init", output_dir=str(work), model_path=str(path),
                             tokenizer_path=toy_tokenizer(vocab, work / "tok"), num_parameters=0, architecture="")
     spec = ModelSpec(source=str(path), quantization="4bit", dtype="bfloat16", compute_dtype="bfloat16")
+    levers_off = {} if VARIANT == "default" else dict(
+        kernels="liger" if "liger" in levers else "none", fused_lora="fused" in levers,
+        frozen_dtype="compute" if "keep16" in levers else "float32", offload_checkpoints="offload" in levers)
     settings = SftSettings(
         lora=LoraSettings(r=16, alpha=16, dropout=0.05, target_modules="all-linear"), learning_rate=2e-4,
         max_steps=STEPS, batch_size=BATCH, micro_batch_size=BATCH, max_seq_length=SEQ, logging_steps=10,
         save_steps=10**6, gradient_checkpointing="nockpt" not in levers,
-        kernels="liger" if "liger" in levers else "none",
-        optim="paged_adamw_8bit" if "paged8" in levers else "adamw_torch")
+        optim="paged_adamw_8bit" if "paged8" in levers else "adamw_torch", **levers_off)
 
     class Clock(TrainerCallback):
         t: list = []
@@ -79,6 +130,9 @@ def main():
     trainer = build_trainer(settings, spec, model_res, data, DEVICE, work / "ckpt", seed=42)
     load_s = time.time() - t0
     trainer.add_callback(Clock())
+    if os.environ.get("BENCH_PROFILE"):
+        trainer.add_callback(Profile())
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else None
     trainer.train()
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under `accelerate launch` every process trains BATCH rows
     if int(os.environ.get("RANK", "0")) != 0:
@@ -92,7 +146,7 @@ def main():
         "gpus": world, "tokens_per_s": round(world * steps * BATCH * SEQ / dt), "s_per_step": round(dt / steps, 3),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if DEVICE == "cuda" else None,
-        "load_s": round(load_s, 1), "loss_windows": losses, "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+        "weights_gib": round(weights_gib, 2) if weights_gib else None, "load_s": round(load_s, 1), "loss_windows": losses, "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
     }), flush=True)
 
 

@@ -4,8 +4,8 @@ PEFT computes a LoRA layer as a chain of separate ops: the base matmul, a defens
 copy of its output, dropout into a new tensor, two thin matmuls, a multiply by the
 scale and an add, each reading and writing a full activation. On a 7B model at
 seq 2048 that is most of a step's memory traffic that is not a matmul. Here the
-forward is one base matmul plus `addmm_` of the low-rank term into its output, and
-the backward is written by hand:
+forward computes the low-rank term (+ bias) and the base GEMM adds onto it in its
+epilogue, and the backward is written by hand:
 
     y  = x W^T + b + s * (d(x) A^T) B^T          d = dropout, mask m, keep prob q
     dB = s * g^T (d(x) A^T)
@@ -14,6 +14,8 @@ the backward is written by hand:
 
 Only d(x), the mask and the rank-r product are saved; the frozen 4-bit weight is
 dequantized again in the backward instead of being kept (bitsandbytes does the same).
+Under tasks/checkpointing.py, the last projection of a block skips its base GEMM when
+the block is recomputed: that output only feeds the residual add (FEEDS_RESIDUAL).
 Anything this does not cover (DoRA and other variants, several active adapters,
 8-bit bases, merged or disabled adapters) keeps PEFT's own forward.
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 import types
 
 import torch
+
+from tasks.checkpointing import recomputing
 
 
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -37,17 +41,22 @@ class LoraLinear(torch.autograd.Function):
     """y = base(x) + s * B(A(dropped x)); see the module docstring for the backward."""
 
     @staticmethod
-    def forward(ctx, x, x_drop, mask, keep, base, lora_a, lora_b, scale):
+    def forward(ctx, x, x_drop, mask, keep, base, lora_a, lora_b, scale, skip_output=False):
         dtype = x.dtype
         x2, xd2 = x.reshape(-1, x.shape[-1]), x_drop.reshape(-1, x.shape[-1])
         mask = None if mask is None else mask.reshape(-1, x.shape[-1])
-        bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
-        y = torch.nn.functional.linear(x2, dense_weight(base, dtype), bias)
-        low = xd2 @ lora_a.to(dtype).t()                       # [N, r]
-        y.addmm_(low, lora_b.to(dtype).t(), alpha=scale)       # the add and the scale ride on the GEMM
+        low = xd2 @ lora_a.to(dtype).t()                                 # [N, r]
         ctx.save_for_backward(xd2, mask, low, lora_a, lora_b)
         ctx.base, ctx.scale, ctx.keep, ctx.in_shape = base, scale, keep, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+        out_features = lora_b.shape[0]
+        if skip_output:   # recompute of a layer whose output only feeds a residual add: no value needed
+            return x.new_zeros(()).expand(*x.shape[:-1], out_features)
+        up = (lora_b.to(dtype) * scale).t()
+        bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
+        # the low-rank term (+ bias) first, then the base GEMM accumulates onto it in its epilogue
+        lora_out = torch.addmm(bias, low, up) if bias is not None else low @ up
+        y = torch.addmm(lora_out, x2, dense_weight(base, dtype).t())
+        return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad):
@@ -66,11 +75,11 @@ class LoraLinear(torch.autograd.Function):
                 grad_x = torch.ops.aten.native_dropout_backward(g_low @ a, mask, 1.0 / ctx.keep)
             grad_x.addmm_(g, dense_weight(ctx.base, dtype))
             grad_x = grad_x.view(ctx.in_shape)
-        return (grad_x, None, None, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None)
+        return (grad_x, None, None, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None)
 
 
 def lora_linear(x: torch.Tensor, base: torch.nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scale: float, dropout: float, training: bool) -> torch.Tensor:
+                scale: float, dropout: float, training: bool, skip_output: bool = False) -> torch.Tensor:
     """Compute dtype follows autocast when it is on (bf16 training), else the input's."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -80,7 +89,7 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Module, lora_a: torch.Tensor, lo
                 x_drop, mask = torch.native_dropout(x, dropout, True)
         else:
             x_drop, mask = x, None
-        return LoraLinear.apply(x, x_drop, mask, 1.0 - dropout, base, lora_a, lora_b, scale)
+        return LoraLinear.apply(x, x_drop, mask, 1.0 - dropout, base, lora_a, lora_b, scale, skip_output)
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -91,8 +100,9 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = adapters[0]
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
+    skip = getattr(self, "_shomin_feeds_residual", False) and recomputing()
     return lora_linear(x, self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight,
-                       self.scaling[name], p, self.training)
+                       self.scaling[name], p, self.training, skip)
 
 
 def supported(layer: torch.nn.Module) -> bool:
@@ -113,5 +123,26 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
     for module in model.modules():
         if supported(module) and all(isinstance(m, torch.nn.Linear) for m in module.lora_A.values()):
             module.forward = types.MethodType(_fused_forward, module)
+            n += 1
+    return n
+
+
+# The last projection of each block, per architecture: its output goes only into the
+# residual add, so a recompute under tasks/checkpointing.py may skip it. Only listed
+# architectures: others (e.g. gemma2's norm after the MLP) read that output again.
+FEEDS_RESIDUAL = {"llama": ("mlp.down_proj",), "mistral": ("mlp.down_proj",), "qwen2": ("mlp.down_proj",),
+                  "qwen3": ("mlp.down_proj",), "gpt_neox": ("mlp.dense_4h_to_h",)}
+
+
+def mark_residual_outputs(model: torch.nn.Module) -> int:
+    """Flag the fused layers whose output only feeds a residual add; returns how many."""
+    config = getattr(model, "config", None)
+    suffixes = FEEDS_RESIDUAL.get(getattr(config, "model_type", ""), ())
+    if getattr(config, "model_type", "") == "gpt_neox" and getattr(config, "use_parallel_residual", False):
+        suffixes += ("attention.dense",)   # x + attn(ln1(x)) + mlp(ln2(x)): both outputs only summed
+    n = 0
+    for name, module in model.named_modules():
+        if name.endswith(suffixes) and getattr(module, "forward", None).__func__ is _fused_forward:
+            module._shomin_feeds_residual = True
             n += 1
     return n

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import torch
 
+from tasks import checkpointing, fast_lora
 from tasks.config import LoraSettings, ModelSpec, SftSettings
 from tasks.data import DataResult, read_jsonl
 from tasks.model import (ModelResult, OutOfMemory, guard_bnb_cpu, load_causal_lm, load_tokenizer, oom_message,
@@ -69,6 +70,13 @@ def use_liger(kernels: str, device: str, model) -> bool:
     return kernels != "none" and ok
 
 
+def upcast_frozen(settings: SftSettings, spec: ModelSpec) -> bool:
+    """PEFT's k-bit preparation casts every frozen non-quantized weight to float32. Only
+    float16 compute needs that (its range); bfloat16 has float32's range."""
+    compute = spec.compute_dtype if spec.quantization == "4bit" else spec.dtype
+    return settings.frozen_dtype == "float32" or (settings.frozen_dtype == "auto" and compute == "float16")
+
+
 def _complete(ckpt: Path) -> bool:
     """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off mid-save."""
     import json
@@ -99,12 +107,21 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
 
     tok = load_tokenizer(model_res.tokenizer_path, spec.trust_remote_code)
     model = load_causal_lm(model_res.model_path, spec, device)
-    if spec.quantization != "none":
+    if spec.quantization != "none" and upcast_frozen(settings, spec):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, lora_config(settings.lora))
+    model = get_peft_model(model, lora_config(settings.lora))   # freezes the base; LoRA weights in fp32
     if device == "cpu":
         guard_bnb_cpu(model)
+    if settings.fused_lora:
+        fast_lora.fuse_lora_layers(model)
+    # our own checkpointing (offload, skipped recompute of residual outputs) replaces transformers':
+    # the Trainer must then not install its own over it
+    own_checkpointing = settings.gradient_checkpointing and (settings.fused_lora or settings.offload_checkpoints)
+    if own_checkpointing:
+        checkpointing.enable(model, offload=settings.offload_checkpoints and device == "cuda")
+        if settings.fused_lora:
+            fast_lora.mark_residual_outputs(model)
     bf16 = device == "cuda" and spec.dtype in ("auto", "bfloat16")
     liger = use_liger(settings.kernels, device, model)
     args = SFTConfig(
@@ -115,7 +132,7 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         lr_scheduler_type=settings.lr_scheduler, warmup_steps=settings.warmup_ratio,
         weight_decay=settings.weight_decay, optim=settings.optim, max_length=settings.max_seq_length,
         completion_only_loss=settings.completion_only_loss if data.format == "instruction" else None,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing=settings.gradient_checkpointing and not own_checkpointing,
         # non-reentrant checkpointing and no unused-parameter search: what DDP needs with a frozen base
         gradient_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
         logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,

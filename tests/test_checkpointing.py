@@ -1,0 +1,72 @@
+"""The SFT stage's own checkpointing (tasks/checkpointing.py): the same gradients as
+keeping every activation, with layer inputs stored off the device and fetched back, and
+with the fused LoRA layers skipping the recompute of outputs that only feed a residual."""
+import pytest
+import torch
+
+from tasks import checkpointing, fast_lora
+from tasks.config import LoraSettings, ModelSpec
+
+
+def tiny_neox(folder, parallel: bool):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.25,
+                           use_parallel_residual=parallel)
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _grads(model_dir, mode: str, dropout: float, fused: bool = False):
+    from peft import get_peft_model
+
+    from tasks.model import load_causal_lm
+    from tasks.sft import lora_config
+    spec = ModelSpec(source=str(model_dir), quantization="none", dtype="float32")
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(model_dir, spec, "cpu"),
+                           lora_config(LoraSettings(r=4, alpha=8, dropout=dropout, target_modules="all-linear")))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    fn, marked = None, 0
+    if fused:
+        fast_lora.fuse_lora_layers(model)
+    if mode in ("offload", "own"):
+        fn = checkpointing.enable(model, offload=mode == "offload")
+        fn.min_bytes = 0   # the tiny model's layer inputs are a few KiB
+        marked = fast_lora.mark_residual_outputs(model) if fused else 0
+    elif mode == "checkpoint":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    x = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)   # the same dropout draws in every mode
+    for _ in range(2):     # two micro-batches: the saved list must reset between them
+        model(x, labels=x).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, fn, marked
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_offloaded_checkpointing_gives_the_same_gradients(tiny_model, dropout):
+    ref, _, _ = _grads(tiny_model, "none", dropout)
+    plain, _, _ = _grads(tiny_model, "checkpoint", dropout)
+    got, fn, _ = _grads(tiny_model, "offload", dropout)
+    # 2 layers x 2 micro-batches, each layer's saved inputs (hidden states, rotary cos and sin) stored and fetched
+    assert fn.stats["recomputed"] == 4
+    assert fn.stats["offloaded"] == fn.stats["prefetched"] >= 4
+    assert fn.saved == [] and fn.layers == []
+    for name in ref:
+        torch.testing.assert_close(plain[name], ref[name], msg=name)
+        torch.testing.assert_close(got[name], ref[name], msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox", "neox-parallel"])
+def test_skipping_residual_outputs_in_the_recompute_keeps_gradients(tiny_model, tmp_path, arch):
+    model_dir = tiny_model if arch == "llama" else tiny_neox(tmp_path / arch, parallel=arch == "neox-parallel")
+    ref, _, _ = _grads(model_dir, "none", 0.1, fused=True)
+    got, fn, marked = _grads(model_dir, "own", 0.1, fused=True)
+    assert marked == (4 if arch == "neox-parallel" else 2)   # per layer: the MLP output (and attention's if parallel)
+    assert fn.stats["recomputed"] == 4
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], msg=name)
