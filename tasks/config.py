@@ -119,7 +119,7 @@ class SftSettings(Strict):
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (resumable).")
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. paged_adamw_8bit on GPU.")
-    kernels: Literal["auto", "liger", "none"] = Field("auto", description="Fused Triton kernels (Liger: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy that never materialises the logits). auto = liger on CUDA when installed and the architecture is supported.")
+    kernels: Literal["auto", "liger", "none"] = Field("auto", description="Fused Triton kernels from Liger (RMSNorm, SwiGLU, RoPE; for GPT-NeoX its RoPE). auto = liger on CUDA when installed and the architecture is supported. The loss never materialises the logits either way: TRL computes it in chunks.")
     padding_free: bool = Field(False, description="Pack a batch into one row without padding (needs flash attention on GPU).")
     fused_lora: bool = Field(True, description="One autograd function per LoRA linear (base GEMM + low-rank GEMM + dropout, hand-written backward) instead of PEFT's chain of separate ops: the same maths with less memory traffic. Layers it does not cover (DoRA, 8-bit bases) keep PEFT's forward.")
     frozen_dtype: Literal["auto", "compute", "float32"] = Field("auto", description="k-bit training: dtype of the frozen weights that are not quantized (norms, embeddings, LM head). float32 is PEFT's prepare_model_for_kbit_training, which also turns the residual stream float32 and so doubles what checkpointing keeps. auto = compute for bfloat16/float32 compute, float32 for float16 (whose range needs it).")

@@ -13,7 +13,8 @@ epilogue, and the backward is written by hand:
     dx = g W + ((s * g B) A) * m / q
 
 Only d(x), the mask and the rank-r product are saved; the frozen 4-bit weight is
-dequantized again in the backward instead of being kept (bitsandbytes does the same).
+dequantized again in the backward instead of being kept (bitsandbytes does the same),
+except in a recompute, whose backward follows at once.
 Under tasks/checkpointing.py, the last projection of a block skips its base GEMM when
 the block is recomputed: that output only feeds the residual add (FEEDS_RESIDUAL).
 Anything this does not cover (DoRA and other variants, several active adapters,
@@ -46,21 +47,25 @@ class LoraLinear(torch.autograd.Function):
         x2, xd2 = x.reshape(-1, x.shape[-1]), x_drop.reshape(-1, x.shape[-1])
         mask = None if mask is None else mask.reshape(-1, x.shape[-1])
         low = xd2 @ lora_a.to(dtype).t()                                 # [N, r]
-        ctx.save_for_backward(xd2, mask, low, lora_a, lora_b)
         ctx.base, ctx.scale, ctx.keep, ctx.in_shape = base, scale, keep, x.shape
         out_features = lora_b.shape[0]
         if skip_output:   # recompute of a layer whose output only feeds a residual add: no value needed
+            ctx.save_for_backward(xd2, mask, low, lora_a, lora_b, None)
             return x.new_zeros(()).expand(*x.shape[:-1], out_features)
         up = (lora_b.to(dtype) * scale).t()
         bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
         # the low-rank term (+ bias) first, then the base GEMM accumulates onto it in its epilogue
         lora_out = torch.addmm(bias, low, up) if bias is not None else low @ up
-        y = torch.addmm(lora_out, x2, dense_weight(base, dtype).t())
+        weight = dense_weight(base, dtype)
+        y = torch.addmm(lora_out, x2, weight.t())
+        # in a recompute this layer's backward follows at once: keep the dequantized weight for it
+        # (one layer's worth of weights) instead of dequantizing a third time
+        ctx.save_for_backward(xd2, mask, low, lora_a, lora_b, weight if recomputing() else None)
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad):
-        xd2, mask, low, lora_a, lora_b = ctx.saved_tensors
+        xd2, mask, low, lora_a, lora_b, weight = ctx.saved_tensors
         dtype = xd2.dtype
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
@@ -73,7 +78,7 @@ class LoraLinear(torch.autograd.Function):
                 grad_x = g_low @ a
             else:  # the dropout backward is mask * 1/keep: one fused kernel
                 grad_x = torch.ops.aten.native_dropout_backward(g_low @ a, mask, 1.0 / ctx.keep)
-            grad_x.addmm_(g, dense_weight(ctx.base, dtype))
+            grad_x.addmm_(g, weight if weight is not None else dense_weight(ctx.base, dtype))
             grad_x = grad_x.view(ctx.in_shape)
         return (grad_x, None, None, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None)
 

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from tasks import checkpointing, fast_lora
+from tasks import checkpointing, fast_lora, kernels
 from tasks.config import LoraSettings, ModelSpec, SftSettings
 from tasks.data import DataResult, read_jsonl
 from tasks.model import (ModelResult, OutOfMemory, guard_bnb_cpu, load_causal_lm, load_tokenizer, oom_message,
@@ -52,22 +52,6 @@ def finite_loss_callback():
                     raise TrainingDiverged(f"sft: {key} became {v} at step {state.global_step}; "
                                            "lower learning_rate or check the data")
     return StopOnNonFinite()
-
-
-LIGER_ARCHS = {"llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "phi3", "granite", "olmo2"}
-
-
-def use_liger(kernels: str, device: str, model) -> bool:
-    """Liger's Triton kernels need CUDA and a supported architecture; `liger` asked
-    for explicitly on an unsupported setup is an error, `auto` quietly falls back."""
-    import importlib.util
-    model_type = getattr(model.config, "model_type", "")
-    ok = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None and model_type in LIGER_ARCHS
-    if kernels == "liger" and not ok:
-        from tasks.config import ConfigError
-        raise ConfigError(f"stages.sft.kernels: liger needs CUDA, `pip install liger-kernel` and one of "
-                          f"{sorted(LIGER_ARCHS)} (this is {model_type or 'unknown'} on {device})")
-    return kernels != "none" and ok
 
 
 def upcast_frozen(settings: SftSettings, spec: ModelSpec) -> bool:
@@ -123,7 +107,7 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         if settings.fused_lora:
             fast_lora.mark_residual_outputs(model)
     bf16 = device == "cuda" and spec.dtype in ("auto", "bfloat16")
-    liger = use_liger(settings.kernels, device, model)
+    liger = kernels.use_liger(settings.kernels, device, model)
     args = SFTConfig(
         output_dir=str(checkpoint_dir), seed=seed, data_seed=seed,
         per_device_train_batch_size=settings.micro_batch_size,

@@ -1,0 +1,45 @@
+"""Fused Triton kernels from Liger for the SFT stage's `kernels` setting.
+
+For the architectures Liger patches itself (LIGER_ARCHS) the Trainer applies them
+(`use_liger_kernel`). GPT-NeoX, the seeds' own family, is not among them; its rotary
+embedding is the same rotate-half maths as Llama's (on the first `rotary_pct` of each
+head), and transformers computes it as six separate full-tensor ops for q and for k.
+Liger's RoPE kernel does the partial rotation in place in one pass, so it is routed
+there (LIGER_OWN).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from tasks.config import ConfigError
+
+LIGER_ARCHS = {"llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "phi3", "granite", "olmo2"}
+
+
+def _neox_rope() -> None:
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from transformers.models.gpt_neox import modeling_gpt_neox
+    # the rotated width is read off cos/sin (rotary_ndims wide); the rest of each head passes through
+    modeling_gpt_neox.apply_rotary_pos_emb = liger_rotary_pos_emb
+
+
+LIGER_OWN = {"gpt_neox": _neox_rope}
+
+
+def use_liger(kernels: str, device: str, model) -> bool:
+    """Liger's Triton kernels need CUDA and a supported architecture; `liger` asked for
+    explicitly on an unsupported setup is an error, `auto` quietly falls back. Returns
+    whether the Trainer should apply Liger (architectures in LIGER_OWN are patched
+    here, process-wide like Liger's own patches, and return False)."""
+    model_type = getattr(model.config, "model_type", "")
+    known = LIGER_ARCHS | set(LIGER_OWN)
+    ok = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None and model_type in known
+    if kernels == "liger" and not ok:
+        raise ConfigError(f"stages.sft.kernels: liger needs CUDA, `pip install liger-kernel` and one of "
+                          f"{sorted(known)} (this is {model_type or 'unknown'} on {device})")
+    if kernels == "none" or not ok:
+        return False
+    if model_type in LIGER_OWN:
+        LIGER_OWN[model_type]()
+        return False
+    return True
