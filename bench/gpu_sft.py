@@ -75,7 +75,8 @@ class Profile:
             def on_step_begin(self, args, state, control, **kw):
                 if state.global_step == 4:
                     self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                                   torch.profiler.ProfilerActivity.CUDA])
+                                                                   torch.profiler.ProfilerActivity.CUDA],
+                                                       with_stack=os.environ.get("BENCH_PROFILE") == "stack")
                     self.prof.__enter__()
 
             def on_step_end(self, args, state, control, **kw):
@@ -83,11 +84,25 @@ class Profile:
                     torch.cuda.synchronize()
                     self.prof.__exit__(None, None, None)
                     table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+                    if os.environ.get("BENCH_PROFILE") == "stack":
+                        table += "\n" + copy_sources(self.prof)
                     print(table, flush=True)
                     out = Path(os.environ.get("OUT", "."))
                     (out / f"profile_{ARCH}_{VARIANT}.txt").write_text(table)
                     self.prof = None
         return _P()
+
+
+def copy_sources(prof) -> str:
+    """Which Python lines launch the copy and elementwise kernels: their CUDA time per call site."""
+    from collections import Counter
+    spent = Counter()
+    for ev in prof.events():
+        for k in getattr(ev, "kernels", []):
+            if any(w in k.name for w in ("Memcpy DtoD", "elementwise", "CatArray", "copy")):
+                site = " <- ".join(f for f in ev.stack if "site-packages/torch/" not in f and "<built-in" not in f)[:400]
+                spent[(ev.name, k.name[:40], site)] += k.duration
+    return "\n".join(f"{us / 1000:8.2f} ms  {op} | {kern} | {site}" for (op, kern, site), us in spent.most_common(30))
 
 
 def main():
