@@ -55,9 +55,10 @@ class LoraLinear(torch.autograd.Function):
         up = (lora_b.to(dtype) * scale).t()
         bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
         # the low-rank term (+ bias) first, then the base GEMM accumulates onto it in its epilogue
-        lora_out = torch.addmm(bias, low, up) if bias is not None else low @ up
+        # (in place: an out-of-place addmm would first copy the whole output)
+        y = torch.addmm(bias, low, up) if bias is not None else low @ up
         weight = dense_weight(base, dtype)
-        y = torch.addmm(lora_out, x2, weight.t())
+        y.addmm_(x2, weight.t())
         # in a recompute this layer's backward follows at once: keep the dequantized weight for it
         # (one layer's worth of weights) instead of dequantizing a third time
         ctx.save_for_backward(xd2, mask, low, lora_a, lora_b, weight if recomputing() else None)

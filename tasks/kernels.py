@@ -5,25 +5,36 @@ For the architectures Liger patches itself (LIGER_ARCHS) the Trainer applies the
 embedding is the same rotate-half maths as Llama's (on the first `rotary_pct` of each
 head), and transformers computes it as six separate full-tensor ops for q and for k.
 Liger's RoPE kernel does the partial rotation in place in one pass, so it is routed
-there (LIGER_OWN).
+there, and its LayerNorm kernel replaces ATen's (LIGER_OWN).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+
+import torch
 
 from tasks.config import ConfigError
 
 LIGER_ARCHS = {"llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "phi3", "granite", "olmo2"}
 
 
-def _neox_rope() -> None:
+def _neox(model) -> None:
+    from liger_kernel.functional import layer_norm
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from transformers.models.gpt_neox import modeling_gpt_neox
     # the rotated width is read off cos/sin (rotary_ndims wide); the rest of each head passes through
     modeling_gpt_neox.apply_rotary_pos_emb = liger_rotary_pos_emb
+    for m in model.modules():
+        if type(m) is torch.nn.LayerNorm:
+            m.forward = functools.partial(_liger_layer_norm, layer_norm, m)
 
 
-LIGER_OWN = {"gpt_neox": _neox_rope}
+def _liger_layer_norm(kernel, m: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return kernel(x, m.weight, m.bias, m.eps)
+
+
+LIGER_OWN = {"gpt_neox": _neox}
 
 
 def use_liger(kernels: str, device: str, model) -> bool:
@@ -40,6 +51,6 @@ def use_liger(kernels: str, device: str, model) -> bool:
     if kernels == "none" or not ok:
         return False
     if model_type in LIGER_OWN:
-        LIGER_OWN[model_type]()
+        LIGER_OWN[model_type](model)
         return False
     return True
