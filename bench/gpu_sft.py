@@ -15,7 +15,8 @@ Usage: python bench/gpu_sft.py ARCH SEQ BATCH STEPS VARIANT
              paged8    paged 8-bit AdamW
 Prints one JSON line like the stock script, plus the mean loss of each 10-step window.
 BENCH_LAYERS=n runs an n-layer copy of the shape (quick profiling); BENCH_PROFILE=1 prints
-torch.profiler's top CUDA kernels over two steps after warm-up.
+torch.profiler's top CUDA kernels over two steps after warm-up (=shapes: also the copy-like
+ops by input shape).
 """
 import json
 import os
@@ -76,7 +77,7 @@ class Profile:
                 if state.global_step == 4:
                     self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                    torch.profiler.ProfilerActivity.CUDA],
-                                                       with_stack=os.environ.get("BENCH_PROFILE") == "stack")
+                                                       record_shapes=os.environ.get("BENCH_PROFILE") == "shapes")
                     self.prof.__enter__()
 
             def on_step_end(self, args, state, control, **kw):
@@ -84,8 +85,8 @@ class Profile:
                     torch.cuda.synchronize()
                     self.prof.__exit__(None, None, None)
                     table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
-                    if os.environ.get("BENCH_PROFILE") == "stack":
-                        table += "\n" + copy_sources(self.prof)
+                    if os.environ.get("BENCH_PROFILE") == "shapes":
+                        table += "\n" + copy_shapes(self.prof)
                     print(table, flush=True)
                     out = Path(os.environ.get("OUT", "."))
                     (out / f"profile_{ARCH}_{VARIANT}.txt").write_text(table)
@@ -93,16 +94,13 @@ class Profile:
         return _P()
 
 
-def copy_sources(prof) -> str:
-    """Which Python lines launch the copy and elementwise kernels: their CUDA time per call site."""
-    from collections import Counter
-    spent = Counter()
-    for ev in prof.events():
-        for k in getattr(ev, "kernels", []):
-            if any(w in k.name for w in ("Memcpy DtoD", "elementwise", "CatArray", "copy")):
-                site = " <- ".join(f for f in ev.stack if "site-packages/torch/" not in f and "<built-in" not in f)[:400]
-                spent[(ev.name, k.name[:40], site)] += k.duration
-    return "\n".join(f"{us / 1000:8.2f} ms  {op} | {kern} | {site}" for (op, kern, site), us in spent.most_common(30))
+def copy_shapes(prof) -> str:
+    """The copy-like ops by input shape (and so by call site): where non-GEMM time goes."""
+    rows = [e for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::copy_", "aten::cat", "aten::contiguous", "aten::clone", "aten::addmm", "aten::stack")]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    return "\n".join(f"{e.self_device_time_total / 1000:8.2f} ms {e.count:5d}x {e.key} {e.input_shapes}"[:300]
+                     for e in rows[:30])
 
 
 def main():
