@@ -9,19 +9,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 from transformers import AutoConfig  # noqa: E402
 
 from tasks.config import Pipeline  # noqa: E402
 from tasks.env_check import plan_memory, shape_from_config  # noqa: E402
+from shapes import SHAPES  # noqa: E402
 
-SHAPES = {
-    "llama7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                              num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)),
-    "neox7b": ("gpt_neox", dict(hidden_size=4096, intermediate_size=16384, num_hidden_layers=32, num_attention_heads=32,
-                                vocab_size=52224, max_position_embeddings=2048, rotary_pct=1.0, use_parallel_residual=False)),
-    "neox20b": ("gpt_neox", dict(hidden_size=6144, intermediate_size=24576, num_hidden_layers=44, num_attention_heads=64,
-                                 vocab_size=50432, max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True)),
-}
 GIB = 2 ** 30
 
 
@@ -30,13 +24,16 @@ def shape(arch):
     return shape_from_config(AutoConfig.for_model(model_type, **kw))
 
 
-def sft_pipeline(ckpt: bool) -> Pipeline:
+STOCK_LEVERS = {"kernels": "none", "fused_lora": False, "frozen_dtype": "float32", "offload_checkpoints": False}
+
+
+def sft_pipeline(ckpt: bool, levers: dict) -> Pipeline:
     return Pipeline.model_validate({
         "name": "bench", "device": "cuda",
         "model": {"source": "x/y", "quantization": "4bit", "dtype": "bfloat16", "compute_dtype": "bfloat16"},
         "stages": {"model_init": {}, "dataset": {}, "sft": {
             "lora": {"r": 16, "alpha": 16, "target_modules": "all-linear"}, "micro_batch_size": 4, "batch_size": 4,
-            "max_seq_length": 2048, "gradient_checkpointing": ckpt}},
+            "max_seq_length": 2048, "gradient_checkpointing": ckpt, **levers}},
         "dataset": {"source": "x.jsonl"}})
 
 
@@ -53,13 +50,15 @@ def ppo_pipeline(quant: str) -> Pipeline:
 def main():
     results = json.loads((HERE / "results.json").read_text())
     rows = []
+    sft = results["sft"]
     for arch in ("llama7b", "neox7b"):
         s = shape(arch)
-        for name, ckpt in (("stock", True), ("shomin[nockpt]", False)):
-            measured = results["sft"][arch].get(name)
-            if measured:
-                plan = plan_memory(sft_pipeline(ckpt), s, "cuda", None, None)
-                rows.append((f"sft {arch} {name}", plan.stages["sft"]["total"] / GIB, measured["peak_alloc_gib"]))
+        # the stock script is shomin's stage with every lever off; shomin[default] is the stage's defaults
+        for name, ckpt, levers in (("stock", True, STOCK_LEVERS), ("shomin[default]", True, {})):
+            plan = plan_memory(sft_pipeline(ckpt, levers), s, "cuda", None, None)
+            rows.append((f"sft {arch} {name}", plan.stages["sft"]["total"] / GIB, sft[arch][name]["peak_alloc_gib"]))
+    plan = plan_memory(sft_pipeline(False, STOCK_LEVERS), shape("neox7b"), "cuda", None, None)
+    rows.append(("sft neox7b stock, no ckpt", plan.stages["sft"]["total"] / GIB, sft["nockpt_neox7b"]["peak_alloc_gib"]))
     s = shape("neox20b")
     for run in results["ppo"]["runs"]:
         plan = plan_memory(ppo_pipeline(run["quant"]), s, "cuda", None, None)

@@ -27,7 +27,14 @@ h = hidden size; L = layers; V = vocab):
               tensor for small models with big vocabularies).
   generation  KV cache of PPO rollouts: 2 x L x batch x (query_max + response_max) x
               kv_dim x dtype B (kv_dim = h without grouped-query attention).
-Stage peaks: sft = weights + lora + optimizer + activations + logits;
+  sft levers  frozen_dtype float32 (PEFT's k-bit preparation): unquantized weights and the
+              checkpointed residual stream in 4 B; offload_checkpoints: no checkpoints on
+              the GPU; fused_lora under checkpointing: + one layer's weights at 16-bit (kept
+              from the recompute for its backward). TRL >= 1.16 computes the loss from the
+              hidden states in chunks of 4096 tokens x 32768 vocab entries.
+Stage peaks: sft = weights + lora + optimizer + checkpoints + activations + logits, where
+under checkpointing only the larger of activations and logits counts (the LM head's
+backward and the layers' recomputes come one after the other);
 merge = p x merge dtype B in CPU RAM (merge always runs on the CPU);
 ppo = weights at ppo.quantization + lora states + value head (16 B x (h+1)) +
 max(generation, activations + logits of one mini batch) — rollouts and updates
@@ -35,8 +42,8 @@ alternate, and the reference policy is the same weights with the adapter disable
 evaluate = weights + max(one layer's activations + fp32 logits, generation KV cache).
   lora dropout (sft) (dtype B + 1) x s x b x in_features per adapted layer: the dropped-out
               input copy and its mask (one layer's worth under checkpointing).
-Checked against peaks measured on an H100 by bench/plan_check.py (bench/results.json):
-within -11% .. +9% on llama7b/neox7b QLoRA and neox20b PPO.
+Checked against peaks measured on an H100 by bench/plan_check.py (bench/results.json),
+stock and shomin SFT on llama7b/neox7b and PPO on neox20b (README "Benchmarks").
 """
 from __future__ import annotations
 
@@ -209,10 +216,12 @@ def _weights(shape: dict, quantization: str, spec: ModelSpec, device: str) -> tu
     return round(q * per + (shape["num_parameters"] - q) * other), per, other
 
 
-def _activations(b: int, s: int, shape: dict, dtype_bytes: int, checkpointing: bool) -> int:
+def _activations(b: int, s: int, shape: dict, dtype_bytes: int, checkpointing: bool, with_inputs: bool = True) -> int:
+    """All layers' activations, or under checkpointing one layer's (+ every layer's saved input
+    unless `with_inputs` is False: the SFT plan counts those as its own term)."""
     h, layers, k = shape["hidden_size"], shape["num_hidden_layers"], K_ACT * dtype_bytes / 2
     if checkpointing:
-        return round(layers * dtype_bytes * s * b * h + k * s * b * h)
+        return round(layers * dtype_bytes * s * b * h * with_inputs + k * s * b * h)
     return round(layers * k * s * b * h)
 
 
@@ -236,15 +245,58 @@ def _hit(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _logits(b: int, s: int, shape: dict, with_grad: bool = True, dtype_bytes: int = 4) -> int:
+def _logits(b: int, s: int, shape: dict, with_grad: bool = True, dtype_bytes: int = 4, chunked: bool = False) -> int:
     """fp32 logits (+ their gradient); a 16-bit model also keeps its own 16-bit logits
-    (and their gradient) beside the fp32 upcast the loss makes."""
+    (and their gradient) beside the fp32 upcast the loss makes. `chunked`: TRL's fused LM
+    head, which holds at most 4096 tokens x 32768 vocab entries in fp32 at a time."""
+    if chunked:
+        return min(b * s, 4096) * min(shape["vocab_size"], 32768) * 4 * (2 if with_grad else 1)
     per = 4 + (dtype_bytes if dtype_bytes < 4 else 0)
     return b * s * shape["vocab_size"] * per * (2 if with_grad else 1)
 
 
 def _kv_cache(b: int, s: int, shape: dict, dtype_bytes: int) -> int:
     return 2 * shape["num_hidden_layers"] * b * s * shape["kv_dim"] * dtype_bytes
+
+
+def _sft_terms(sft, spec: ModelSpec, shape: dict, device: str, weights: int, act_b: int, notes: dict) -> dict:
+    """See the module docstring; the SFT levers change three terms. frozen_dtype float32 (PEFT's
+    k-bit preparation) stores the unquantized weights and the checkpointed residual stream in
+    4 B; offload_checkpoints keeps the checkpoints in host memory; fused_lora under the
+    stage's own checkpointing keeps one layer's dequantized weights through its backward."""
+    from tasks.sft import upcast_frozen
+    b, s, n_lora, layers = sft.micro_batch_size, sft.max_seq_length, lora_params(shape, sft.lora), shape["num_hidden_layers"]
+    ckpt = sft.gradient_checkpointing
+    upcast = spec.quantization != "none" and upcast_frozen(sft, spec)
+    if upcast:
+        weights += (shape["num_parameters"] - shape["linear_params"]) * (4 - act_b)
+    offload = ckpt and sft.offload_checkpoints and device == "cuda"
+    resid_b = 4 if upcast else act_b
+    own_ckpt = ckpt and (sft.fused_lora or sft.offload_checkpoints)
+    layer_weights = act_b * shape["linear_params"] // layers if own_ckpt and sft.fused_lora else 0
+    terms = {"weights": weights, "lora": 8 * n_lora, "optimizer": 8 * n_lora,
+             "checkpoints": 0 if offload or not ckpt else layers * resid_b * s * b * shape["hidden_size"],
+             "activations": _activations(b, s, shape, act_b, ckpt, with_inputs=False)
+             + _lora_dropout(b, s, shape, sft.lora, act_b, ckpt) + layer_weights,
+             "logits": _logits(b, s, shape, dtype_bytes=act_b, chunked=_chunked_lm_head())}
+    # under checkpointing the LM head's backward and the layers' recompute come one after the other
+    transient = max(terms["activations"], terms["logits"]) if ckpt else terms["activations"] + terms["logits"]
+    terms["total"] = weights + 16 * n_lora + terms["checkpoints"] + transient
+    notes["sft.lora"] = f"{n_lora:,} params x (4 B weight + 4 B grad)"
+    notes["sft.activations"] = (f"b={b} s={s} checkpointing={ckpt}" + (", checkpoints offloaded" if offload else "")
+                                + (", frozen weights float32" if upcast else ""))
+    notes["sft.total"] = "weights + lora + optimizer + checkpoints + " + \
+        ("max(activations, logits)" if ckpt else "activations + logits")
+    return terms
+
+
+def _chunked_lm_head() -> bool:
+    """TRL >= 1.16 computes the SFT loss from the hidden states in chunks (never all the logits)."""
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("trl").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (1, 16)
 
 
 def plan_memory(pipeline: Pipeline, shape: dict, device: str, free_bytes: int | None,
@@ -258,14 +310,7 @@ def plan_memory(pipeline: Pipeline, shape: dict, device: str, free_bytes: int | 
     weights, per, act_b = _weights(shape, spec.quantization, spec, device)
     notes["sft.weights"] = notes["evaluate.weights"] = f"{spec.quantization}: model.quantization"
     if st.sft:
-        b, s, n_lora = st.sft.micro_batch_size, st.sft.max_seq_length, lora_params(shape, st.sft.lora)
-        ckpt = st.sft.gradient_checkpointing
-        stages["sft"] = {"weights": weights, "lora": 8 * n_lora, "optimizer": 8 * n_lora,
-                         "activations": _activations(b, s, shape, act_b, ckpt)
-                         + _lora_dropout(b, s, shape, st.sft.lora, act_b, ckpt),
-                         "logits": _logits(b, s, shape, dtype_bytes=act_b)}
-        notes["sft.lora"] = f"{n_lora:,} params x (4 B weight + 4 B grad)"
-        notes["sft.activations"] = f"b={b} s={s} checkpointing={st.sft.gradient_checkpointing}"
+        stages["sft"] = _sft_terms(st.sft, spec, shape, device, weights, act_b, notes)
     if st.merge:
         stages["merge"] = {"weights": shape["num_parameters"] * DTYPE_BYTES[st.merge.dtype]}
         notes["merge.weights"] = f"{st.merge.dtype}, CPU RAM"

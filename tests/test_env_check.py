@@ -103,11 +103,26 @@ def test_activation_and_logit_terms(tiny_shape, tiny_config):
     assert small.logits_bytes == 2 * 128 * c.vocab_size * 4 * 2
     ckpt = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128, gradient_checkpointing=True)),
                        tiny_shape, "cpu", None, None)
-    assert ckpt.activation_bytes == (c.num_hidden_layers * 4 + 68) * 128 * 2 * c.hidden_size + dropout_per_layer
+    # checkpointing: every layer's input is its own term; one layer's set is recomputed, and the fused
+    # LoRA layers keep that layer's dequantized weights (4 B each on CPU) through its backward
+    layer_weights = 4 * tiny_shape["linear_params"] // c.num_hidden_layers
+    assert ckpt.stages["sft"]["checkpoints"] == c.num_hidden_layers * 4 * 128 * 2 * c.hidden_size
+    assert ckpt.activation_bytes == 68 * 128 * 2 * c.hidden_size + dropout_per_layer + layer_weights
+    t = ckpt.stages["sft"]
+    assert t["total"] == t["weights"] + t["lora"] + t["optimizer"] + t["checkpoints"] + max(t["activations"], t["logits"])
+    unfused = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128, gradient_checkpointing=True,
+                                                          fused_lora=False, offload_checkpoints=False)),
+                          tiny_shape, "cpu", None, None)
+    assert unfused.activation_bytes == ckpt.activation_bytes - layer_weights
+    offloaded = plan_memory(pipeline("x", device="cuda", sft=SftSettings(micro_batch_size=2, max_seq_length=128,
+                                                                         gradient_checkpointing=True)),
+                            tiny_shape, "cuda", None, None)
+    assert offloaded.stages["sft"]["checkpoints"] == 0
     no_dropout = SftSettings(micro_batch_size=2, max_seq_length=128, lora={"dropout": 0.0})
     assert plan_memory(pipeline("x", sft=no_dropout), tiny_shape, "cpu", None, None).activation_bytes \
         == c.num_hidden_layers * 68 * 128 * 2 * c.hidden_size
     s = small.stages["sft"]
+    assert s["checkpoints"] == 0
     assert s["total"] == small.weights_bytes + s["lora"] + s["optimizer"] + s["activations"] + s["logits"]
     assert small.generation_bytes == 0 and small.peak_stage == "sft" and small.fits is None
 
