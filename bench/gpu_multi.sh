@@ -6,7 +6,7 @@
 set -euo pipefail
 ARCH=$1 SEQ=$2 BATCH=$3 STEPS=$4 N=$5 VARIANT=${6:-default}
 export BENCH_DIR=${BENCH_DIR:-/tmp/bench}
-if [ ! -f "$BENCH_DIR/rand_$ARCH/config.json" ]; then python3 "$STOCK" "$ARCH" qlora "$SEQ" "$BATCH" 4 | tail -1; fi
+if [ ! -f "$BENCH_DIR/rand_$ARCH/config.json" ]; then CUDA_VISIBLE_DEVICES=0 python3 "$STOCK" "$ARCH" qlora "$SEQ" "$BATCH" 4 | tail -1; fi
 one=$(CUDA_VISIBLE_DEVICES=0 python3 bench/gpu_sft.py "$ARCH" "$SEQ" "$BATCH" "$STEPS" "$VARIANT" 2>"${OUT:-/tmp}/one.log" | grep '^{"arch"')
 many=$(accelerate launch --num_processes "$N" --multi_gpu bench/gpu_sft.py "$ARCH" "$SEQ" "$BATCH" "$STEPS" "$VARIANT" 2>"${OUT:-/tmp}/many.log" | grep '^{"arch"')
 echo "$one"; echo "$many"
