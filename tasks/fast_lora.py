@@ -119,15 +119,15 @@ def supported(layer: torch.nn.Module) -> bool:
     base = layer.get_base_layer()
     is_4bit = type(getattr(base, "weight", None)).__name__ == "Params4bit"
     dense = type(base) is torch.nn.Linear
-    no_lora_bias = all(m.bias is None for m in layer.lora_B.values())
-    return (is_4bit or dense) and no_lora_bias and isinstance(getattr(layer, "lora_B", None), torch.nn.ModuleDict)
+    plain = all(type(m) is torch.nn.Linear and m.bias is None for m in [*layer.lora_A.values(), *layer.lora_B.values()])
+    return (is_4bit or dense) and plain
 
 
 def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Route every supported LoRA linear of `model` through LoraLinear; returns how many."""
     n = 0
     for module in model.modules():
-        if supported(module) and all(isinstance(m, torch.nn.Linear) for m in module.lora_A.values()):
+        if supported(module):
             module.forward = types.MethodType(_fused_forward, module)
             n += 1
     return n
