@@ -89,6 +89,8 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
+    from transformers import set_seed
+    set_seed(seed)   # LoRA's A matrices are drawn below, before the Trainer seeds anything: same seed, same adapter
     tok = load_tokenizer(model_res.tokenizer_path, spec.trust_remote_code)
     model = load_causal_lm(model_res.model_path, spec, device)
     if spec.quantization != "none" and upcast_frozen(settings, spec):

@@ -70,3 +70,34 @@ def test_skipping_residual_outputs_in_the_recompute_keeps_gradients(tiny_model, 
     assert fn.stats["recomputed"] == 4
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], msg=name)
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_sft_stage_with_its_levers_trains_like_the_stock_recipe(tiny_model, tmp_path, quantization):
+    """The whole stage (Trainer included) with gradient checkpointing: the defaults (fused LoRA,
+    the stage's own checkpointing, frozen weights at the compute dtype) against the stock
+    recipe (PEFT layers, transformers' checkpointing, PEFT's k-bit preparation), dropout 0 so
+    both draw nothing: the same losses step by step."""
+    from tasks import data, sft
+    from tasks.config import DatasetSpec, DatasetStageSettings, SftSettings
+    from tasks.model import ModelResult
+    from tests.conftest import ROOT
+    d = data.run(DatasetStageSettings(), DatasetSpec(source=str(ROOT / "data" / "dolly-ja-sample.jsonl"),
+                                                     max_rows=16, eval_fraction=0.25), 0, tmp_path / "dataset")
+    res = ModelResult(stage="model_init", output_dir="-", model_path=str(tiny_model), tokenizer_path=str(tiny_model),
+                      num_parameters=0, architecture="llama")
+    spec = ModelSpec(source=str(tiny_model), quantization=quantization, dtype="float32", compute_dtype="float32")
+    losses, funcs = {}, {}
+    for name, levers in (("stock", dict(fused_lora=False, offload_checkpoints=False, frozen_dtype="float32")),
+                         ("shomin", {})):
+        settings = SftSettings(lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_steps=3, batch_size=4,
+                               micro_batch_size=2, max_seq_length=64, learning_rate=1e-3, logging_steps=1,
+                               gradient_checkpointing=True, **levers)
+        trainer = sft.build_trainer(settings, spec, res, d, "cpu", tmp_path / f"ckpt-{name}", seed=0)
+        trainer.train()
+        losses[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        funcs[name] = {type(m._gradient_checkpointing_func).__name__
+                       for m in trainer.model.modules() if getattr(m, "gradient_checkpointing", False)}
+    assert funcs["shomin"] == {"LayerCheckpoint"} and "LayerCheckpoint" not in funcs["stock"]
+    assert len(losses["shomin"]) == 3
+    assert losses["shomin"] == pytest.approx(losses["stock"], rel=1e-4)
