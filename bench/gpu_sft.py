@@ -10,7 +10,8 @@ Usage: python bench/gpu_sft.py ARCH SEQ BATCH STEPS VARIANT
              liger     fused Triton kernels (RMSNorm, SwiGLU, RoPE)
              keep16    frozen norms/embeddings/LM head stay bf16 (no float32 residual stream)
              fused     one autograd function per LoRA linear (tasks/fast_lora.py)
-             offload   checkpointed layer inputs in pinned host memory (tasks/offload.py)
+             offload   checkpointed layer inputs (and, with fused, attention outputs) in pinned host
+                       memory (tasks/checkpointing.py)
              nockpt    no gradient checkpointing
              paged8    paged 8-bit AdamW
 Prints one JSON line like the stock script, plus the mean loss of each 10-step window.

@@ -11,6 +11,9 @@ layer, plus two things transformers' checkpointing does not do.
 2. The recompute is flagged (`recomputing()`), so a layer whose output only feeds a
    residual add can skip computing that output again: the backward of an add needs
    no values (tasks/fast_lora.py uses this for the last projection of each block).
+3. With offload, a layer may also `stash()` outputs of its first forward in host memory
+   and `fetch()` them in its recompute instead of recomputing them (tasks/fast_lora.py
+   does this for the attention projections: their GEMMs then run once, not twice).
 
 Reentrant checkpointing saves the layer inputs through saved-tensor hooks (what makes
 offloading possible) and restores the RNG state, so dropout masks match.
@@ -22,12 +25,34 @@ from dataclasses import dataclass, field
 
 import torch
 
-_RECOMPUTING = contextvars.ContextVar("shomin_recomputing", default=False)
+# (the LayerCheckpoint running, the index of the layer it checkpoints or None, recomputing?)
+_LAYER = contextvars.ContextVar("shomin_checkpointed_layer", default=None)
 
 
 def recomputing() -> bool:
     """True while a checkpointed layer is being recomputed inside the backward."""
-    return _RECOMPUTING.get()
+    current = _LAYER.get()
+    return current is not None and current[2]
+
+
+def stash(t: torch.Tensor) -> bool:
+    """In the first forward of an offloaded checkpointed layer: keep `t` in host memory for
+    that layer's recompute, which gets it back from `fetch()` in the same order. False (and
+    nothing kept) anywhere else."""
+    current = _LAYER.get()
+    if current is None or current[1] is None or current[2]:
+        return False
+    current[0]._store(t, current[1], output=True)
+    return True
+
+
+def fetch() -> torch.Tensor | None:
+    """In the recompute of a layer: the next tensor its first forward stashed (None outside)."""
+    current = _LAYER.get()
+    if current is None or current[1] is None or not current[2]:
+        return None
+    ckpt, layer, _ = current
+    return ckpt._take(ckpt.outputs[layer].pop(0))
 
 
 @dataclass
@@ -43,28 +68,33 @@ class _Saved:
 @dataclass
 class LayerCheckpoint:
     """Pass as a model's gradient-checkpointing function: `fn(layer_forward, *args)`.
-    `offload`: keep saved layer inputs in host memory. `min_bytes`: smaller saved
-    tensors stay where they are (not worth a copy)."""
+    `offload`: keep saved layer inputs (and stashed outputs) in host memory. `min_bytes`:
+    smaller saved tensors stay where they are (not worth a copy)."""
     offload: bool = True
     min_bytes: int = 1 << 20
     saved: list[_Saved | None] = field(default_factory=list)
-    layers: list[list[int]] = field(default_factory=list)   # per checkpointed call: its indices in `saved`
-    stats: dict = field(default_factory=lambda: {"offloaded": 0, "prefetched": 0, "recomputed": 0})
+    layers: list[list[int]] = field(default_factory=list)    # per checkpointed call: its indices in `saved`
+    outputs: list[list[int]] = field(default_factory=list)   # per checkpointed call: its stashed outputs
+    stats: dict = field(default_factory=lambda: {"offloaded": 0, "prefetched": 0, "recomputed": 0, "stashed": 0})
 
     def __call__(self, function, *args, **kwargs):
+        layer = None
+        if self.offload:
+            self.layers.append([])
+            self.outputs.append([])
+            layer = len(self.layers) - 1
+
         def run(*inputs):
-            if not torch.is_grad_enabled():   # the first forward runs without grad, the recompute with it
-                return function(*inputs)
-            self.stats["recomputed"] += 1
-            token = _RECOMPUTING.set(True)
+            recompute = torch.is_grad_enabled()   # the first forward runs without grad, the recompute with it
+            self.stats["recomputed"] += recompute
+            token = _LAYER.set((self, layer, recompute))
             try:
                 return function(*inputs)
             finally:
-                _RECOMPUTING.reset(token)
+                _LAYER.reset(token)
 
         if not self.offload:
             return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=True, **kwargs)
-        self.layers.append([])
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=True, **kwargs)
 
@@ -78,9 +108,12 @@ class LayerCheckpoint:
     def _pack(self, t: torch.Tensor):
         if t.numel() * t.element_size() < self.min_bytes:
             return t
+        return self._store(t, len(self.layers) - 1)
+
+    def _store(self, t: torch.Tensor, layer: int, output: bool = False) -> int:
         side = self._stream(t.device)
         host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, pin_memory=side is not None)
-        item = _Saved(host=host, device=t.device, layer=len(self.layers) - 1)
+        item = _Saved(host=host, device=t.device, layer=layer)
         if side is None:   # CPU: a plain copy; what the tests exercise
             host.copy_(t)
         else:
@@ -90,16 +123,20 @@ class LayerCheckpoint:
                 item.copied = torch.cuda.Event()
                 item.copied.record(side)
             t.record_stream(side)   # its memory is not reused before the copy has read it
-        self.layers[-1].append(len(self.saved))
+        index = len(self.saved)
         self.saved.append(item)
-        self.stats["offloaded"] += 1
-        return len(self.saved) - 1
+        self.layers[layer].append(index)
+        if output:
+            self.outputs[layer].append(index)
+        self.stats["stashed" if output else "offloaded"] += 1
+        return index
 
     def _unpack(self, packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        item = self.saved[packed]
-        self.saved[packed] = None   # read once: the host buffer goes back to the pinned pool
+        return packed if isinstance(packed, torch.Tensor) else self._take(packed)
+
+    def _take(self, index: int) -> torch.Tensor:
+        item = self.saved[index]
+        self.saved[index] = None    # read once: the host buffer goes back to the pinned pool
         if item.layer > 0:   # the backward runs layers in reverse: fetch the previous layer's now
             for i in self.layers[item.layer - 1]:
                 if self.saved[i] is not None:
@@ -113,6 +150,7 @@ class LayerCheckpoint:
         if not any(x is not None for x in self.saved):
             self.saved.clear()   # every saved input of this forward is back: the next one starts afresh
             self.layers.clear()
+            self.outputs.clear()
         return t
 
     def _prefetch(self, item: _Saved) -> None:

@@ -124,6 +124,7 @@ class SftSettings(Strict):
     fused_lora: bool = Field(True, description="One autograd function per LoRA linear (base GEMM + low-rank GEMM + dropout, hand-written backward) instead of PEFT's chain of separate ops: the same maths with less memory traffic. Layers it does not cover (DoRA, 8-bit bases) keep PEFT's forward.")
     frozen_dtype: Literal["auto", "compute", "float32"] = Field("auto", description="k-bit training: dtype of the frozen weights that are not quantized (norms, embeddings, LM head). float32 is PEFT's prepare_model_for_kbit_training, which also turns the residual stream float32 and so doubles what checkpointing keeps. auto = compute for bfloat16/float32 compute, float32 for float16 (whose range needs it).")
     offload_checkpoints: bool = Field(True, description="With gradient_checkpointing on CUDA: keep each layer's saved input in pinned host memory, copied on a side stream while the next layers compute.")
+    offload_outputs: bool = Field(True, description="With offload_checkpoints and fused_lora: the attention projections' outputs from the first forward go to host memory too, and the recompute fetches them instead of running those GEMMs again. Pins layers x batch x seq x their output widths x 2 B more host memory (8 GiB for a GPT-NeoX 7B at seq 2048, batch 4).")
 
     @model_validator(mode="after")
     def _accumulation(self) -> "SftSettings":

@@ -16,7 +16,9 @@ Only d(x), the mask and the rank-r product are saved; the frozen 4-bit weight is
 dequantized again in the backward instead of being kept (bitsandbytes does the same),
 except in a recompute, whose backward follows at once.
 Under tasks/checkpointing.py, the last projection of a block skips its base GEMM when
-the block is recomputed: that output only feeds the residual add (FEEDS_RESIDUAL).
+the block is recomputed: that output only feeds the residual add (FEEDS_RESIDUAL); with
+offloading, the attention projections fetch their first-forward output back from host
+memory instead of recomputing it (CACHED_OUTPUTS).
 Anything this does not cover (DoRA and other variants, several active adapters,
 8-bit bases, merged or disabled adapters) keeps PEFT's own forward.
 """
@@ -26,7 +28,7 @@ import types
 
 import torch
 
-from tasks.checkpointing import recomputing
+from tasks.checkpointing import fetch, recomputing, stash
 
 
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -42,7 +44,7 @@ class LoraLinear(torch.autograd.Function):
     """y = base(x) + s * B(A(dropped x)); see the module docstring for the backward."""
 
     @staticmethod
-    def forward(ctx, x, x_drop, mask, keep, base, lora_a, lora_b, scale, skip_output=False):
+    def forward(ctx, x, x_drop, mask, keep, base, lora_a, lora_b, scale, skip_output=False, cache_output=False):
         dtype = x.dtype
         x2, xd2 = x.reshape(-1, x.shape[-1]), x_drop.reshape(-1, x.shape[-1])
         mask = None if mask is None else mask.reshape(-1, x.shape[-1])
@@ -52,6 +54,11 @@ class LoraLinear(torch.autograd.Function):
         if skip_output:   # recompute of a layer whose output only feeds a residual add: no value needed
             ctx.save_for_backward(xd2, mask, low, lora_a, lora_b, None)
             return x.new_zeros(()).expand(*x.shape[:-1], out_features)
+        if cache_output and recomputing():
+            cached = fetch()   # the first forward's output, back from host memory: no GEMM
+            if cached is not None:
+                ctx.save_for_backward(xd2, mask, low, lora_a, lora_b, None)
+                return cached.view(*x.shape[:-1], out_features)
         up = (lora_b.to(dtype) * scale).t()
         bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
         # the low-rank term (+ bias) first, then the base GEMM accumulates onto it in its epilogue
@@ -62,6 +69,8 @@ class LoraLinear(torch.autograd.Function):
         # in a recompute this layer's backward follows at once: keep the dequantized weight for it
         # (one layer's worth of weights) instead of dequantizing a third time
         ctx.save_for_backward(xd2, mask, low, lora_a, lora_b, weight if recomputing() else None)
+        if cache_output:
+            stash(y)   # acts only in the first forward of an offloaded checkpointed layer
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -81,11 +90,12 @@ class LoraLinear(torch.autograd.Function):
                 grad_x = torch.ops.aten.native_dropout_backward(g_low @ a, mask, 1.0 / ctx.keep)
             grad_x.addmm_(g, weight if weight is not None else dense_weight(ctx.base, dtype))
             grad_x = grad_x.view(ctx.in_shape)
-        return (grad_x, None, None, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None)
+        return (grad_x, None, None, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None)
 
 
 def lora_linear(x: torch.Tensor, base: torch.nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scale: float, dropout: float, training: bool, skip_output: bool = False) -> torch.Tensor:
+                scale: float, dropout: float, training: bool, skip_output: bool = False,
+                cache_output: bool = False) -> torch.Tensor:
     """Compute dtype follows autocast when it is on (bf16 training), else the input's."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -95,7 +105,8 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Module, lora_a: torch.Tensor, lo
                 x_drop, mask = torch.native_dropout(x, dropout, True)
         else:
             x_drop, mask = x, None
-        return LoraLinear.apply(x, x_drop, mask, 1.0 - dropout, base, lora_a, lora_b, scale, skip_output)
+        return LoraLinear.apply(x, x_drop, mask, 1.0 - dropout, base, lora_a, lora_b, scale, skip_output,
+                                cache_output)
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -108,7 +119,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
     skip = getattr(self, "_shomin_feeds_residual", False) and recomputing()
     return lora_linear(x, self.get_base_layer(), self.lora_A[name].weight, self.lora_B[name].weight,
-                       self.scaling[name], p, self.training, skip)
+                       self.scaling[name], p, self.training, skip, getattr(self, "_shomin_cache_output", False))
 
 
 def supported(layer: torch.nn.Module) -> bool:
@@ -138,6 +149,27 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
 # architectures: others (e.g. gemma2's norm after the MLP) read that output again.
 FEEDS_RESIDUAL = {"llama": ("mlp.down_proj",), "mistral": ("mlp.down_proj",), "qwen2": ("mlp.down_proj",),
                   "qwen3": ("mlp.down_proj",), "gpt_neox": ("mlp.dense_4h_to_h",)}
+
+
+# Attention projections whose outputs are stashed in host memory by an offloaded checkpoint's
+# first forward and fetched back in its recompute (the `offload_outputs` setting), so their
+# GEMMs run once per step instead of twice. Only outputs nothing modifies in place while the
+# copy is in flight: Liger's RoPE rotates Llama's q and k in place, so those are recomputed
+# (GPT-NeoX's interleaved q/k/v are copied out before RoPE).
+CACHED_OUTPUTS = {arch: ("self_attn.v_proj", "self_attn.o_proj") for arch in ("llama", "mistral", "qwen2", "qwen3")}
+CACHED_OUTPUTS["gpt_neox"] = ("attention.query_key_value", "attention.dense")
+
+
+def mark_cached_outputs(model: torch.nn.Module) -> int:
+    """Flag the fused layers whose first-forward output the recompute fetches; returns how many."""
+    suffixes = CACHED_OUTPUTS.get(getattr(getattr(model, "config", None), "model_type", ""), ())
+    n = 0
+    for name, module in model.named_modules():
+        if (name.endswith(suffixes) and getattr(module, "forward", None).__func__ is _fused_forward
+                and not getattr(module, "_shomin_feeds_residual", False)):   # skipped outright already
+            module._shomin_cache_output = True
+            n += 1
+    return n
 
 
 def mark_residual_outputs(model: torch.nn.Module) -> int:

@@ -108,6 +108,8 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         checkpointing.enable(model, offload=settings.offload_checkpoints and device == "cuda")
         if settings.fused_lora:
             fast_lora.mark_residual_outputs(model)
+            if settings.offload_outputs:   # takes effect only where the checkpoints are offloaded (CUDA)
+                fast_lora.mark_cached_outputs(model)
     bf16 = device == "cuda" and spec.dtype in ("auto", "bfloat16")
     liger = kernels.use_liger(settings.kernels, device, model)
     args = SFTConfig(

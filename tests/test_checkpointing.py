@@ -37,6 +37,8 @@ def _grads(model_dir, mode: str, dropout: float, fused: bool = False):
         fn = checkpointing.enable(model, offload=mode == "offload")
         fn.min_bytes = 0   # the tiny model's layer inputs are a few KiB
         marked = fast_lora.mark_residual_outputs(model) if fused else 0
+        if fused and mode == "offload":
+            fast_lora.mark_cached_outputs(model)
     elif mode == "checkpoint":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -61,13 +63,19 @@ def test_offloaded_checkpointing_gives_the_same_gradients(tiny_model, dropout):
         torch.testing.assert_close(got[name], ref[name], msg=name)
 
 
+@pytest.mark.parametrize("mode", ["own", "offload"])
 @pytest.mark.parametrize("arch", ["llama", "neox", "neox-parallel"])
-def test_skipping_residual_outputs_in_the_recompute_keeps_gradients(tiny_model, tmp_path, arch):
+def test_skipping_residual_outputs_in_the_recompute_keeps_gradients(tiny_model, tmp_path, arch, mode):
+    """`own`: the residual-only projection skips its GEMM in the recompute; `offload` also
+    fetches the attention projections' first-forward outputs back instead of recomputing them."""
     model_dir = tiny_model if arch == "llama" else tiny_neox(tmp_path / arch, parallel=arch == "neox-parallel")
     ref, _, _ = _grads(model_dir, "none", 0.1, fused=True)
-    got, fn, marked = _grads(model_dir, "own", 0.1, fused=True)
+    got, fn, marked = _grads(model_dir, mode, 0.1, fused=True)
     assert marked == (4 if arch == "neox-parallel" else 2)   # per layer: the MLP output (and attention's if parallel)
     assert fn.stats["recomputed"] == 4
+    # per layer and micro-batch: llama's v and o, neox's qkv and dense (dense is skipped outright if parallel)
+    assert fn.stats["stashed"] == (0 if mode == "own" else 4 if arch == "neox-parallel" else 8)
+    assert fn.saved == [] and fn.outputs == []
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], msg=name)
 
