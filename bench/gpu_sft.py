@@ -14,6 +14,7 @@ Usage: python bench/gpu_sft.py ARCH SEQ BATCH STEPS VARIANT
                        memory (tasks/checkpointing.py)
              nockpt    no gradient checkpointing
              paged8    paged 8-bit AdamW
+             nooutputs attention outputs recomputed, not fetched from host (e.g. default,nooutputs)
 Prints one JSON line like the stock script, plus the mean loss of each 10-step window.
 BENCH_LAYERS=n runs an n-layer copy of the shape (quick profiling); BENCH_PROFILE=1 prints
 torch.profiler's top CUDA kernels over two steps after warm-up (=shapes: also the copy-like
@@ -121,9 +122,11 @@ def main():
     model_res = ModelResult(stage="model_init", output_dir=str(work), model_path=str(path),
                             tokenizer_path=toy_tokenizer(vocab, work / "tok"), num_parameters=0, architecture="")
     spec = ModelSpec(source=str(path), quantization="4bit", dtype="bfloat16", compute_dtype="bfloat16")
-    levers_off = {} if VARIANT == "default" else dict(
+    levers_off = {} if "default" in levers else dict(
         kernels="liger" if "liger" in levers else "none", fused_lora="fused" in levers,
         frozen_dtype="compute" if "keep16" in levers else "float32", offload_checkpoints="offload" in levers)
+    if "nooutputs" in levers:
+        levers_off["offload_outputs"] = False
     settings = SftSettings(
         lora=LoraSettings(r=16, alpha=16, dropout=0.05, target_modules="all-linear"), learning_rate=2e-4,
         max_steps=STEPS, batch_size=BATCH, micro_batch_size=BATCH, max_seq_length=SEQ, logging_steps=10,
