@@ -78,6 +78,8 @@ class LayerCheckpoint:
     stats: dict = field(default_factory=lambda: {"offloaded": 0, "prefetched": 0, "recomputed": 0, "stashed": 0})
 
     def __call__(self, function, *args, **kwargs):
+        if not torch.is_grad_enabled():   # a forward no backward will follow: nothing to keep
+            return function(*args, **kwargs)
         layer = None
         if self.offload:
             self.layers.append([])

@@ -43,6 +43,10 @@ def _grads(model_dir, mode: str, dropout: float, fused: bool = False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     x = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a training-mode forward without backward (a metric, a probe) keeps nothing
+        model(x)
+    if fn is not None:
+        assert fn.saved == [] and fn.stats["stashed"] == fn.stats["offloaded"] == 0
     torch.manual_seed(1)   # the same dropout draws in every mode
     for _ in range(2):     # two micro-batches: the saved list must reset between them
         model(x, labels=x).loss.backward()
