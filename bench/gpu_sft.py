@@ -67,33 +67,31 @@ def short_checkpoint(layers: int) -> Path:
     return path
 
 
-class Profile:
-    """Callback: torch.profiler over steps 5 and 6, top kernels by CUDA time to stdout and $OUT."""
-    def __new__(cls):
-        from transformers import TrainerCallback
+def profile_callback():
+    """torch.profiler over steps 5 and 6, top kernels by CUDA time to stdout and $OUT."""
+    from transformers import TrainerCallback
 
-        class _P(TrainerCallback):
-            prof = None
+    class Profile(TrainerCallback):
+        prof = None
 
-            def on_step_begin(self, args, state, control, **kw):
-                if state.global_step == 4:
-                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                                   torch.profiler.ProfilerActivity.CUDA],
-                                                       record_shapes=os.environ.get("BENCH_PROFILE") == "shapes")
-                    self.prof.__enter__()
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 4:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA],
+                                                   record_shapes=os.environ.get("BENCH_PROFILE") == "shapes")
+                self.prof.__enter__()
 
-            def on_step_end(self, args, state, control, **kw):
-                if state.global_step == 6 and self.prof:
-                    torch.cuda.synchronize()
-                    self.prof.__exit__(None, None, None)
-                    table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
-                    if os.environ.get("BENCH_PROFILE") == "shapes":
-                        table += "\n" + copy_shapes(self.prof)
-                    print(table, flush=True)
-                    out = Path(os.environ.get("OUT", "."))
-                    (out / f"profile_{ARCH}_{VARIANT}.txt").write_text(table)
-                    self.prof = None
-        return _P()
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 6 and self.prof:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+                if os.environ.get("BENCH_PROFILE") == "shapes":
+                    table += "\n" + copy_shapes(self.prof)
+                print(table, flush=True)
+                (Path(os.environ.get("OUT", ".")) / f"profile_{ARCH}_{VARIANT}.txt").write_text(table)
+                self.prof = None
+    return Profile()
 
 
 def copy_shapes(prof) -> str:
@@ -148,7 +146,7 @@ def main():
     load_s = time.time() - t0
     trainer.add_callback(Clock())
     if os.environ.get("BENCH_PROFILE"):
-        trainer.add_callback(Profile())
+        trainer.add_callback(profile_callback())
     weights_gib = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else None
     trainer.train()
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under `accelerate launch` every process trains BATCH rows

@@ -126,6 +126,12 @@ class SftSettings(Strict):
     offload_checkpoints: bool = Field(True, description="With gradient_checkpointing on CUDA: keep each layer's saved input in pinned host memory, copied on a side stream while the next layers compute.")
     offload_outputs: bool = Field(True, description="With offload_checkpoints and fused_lora, on GPT-NeoX: the attention projections' outputs (query_key_value, dense) from the first forward go to host memory too, and the recompute fetches them instead of running those GEMMs again (+6.6% tokens/s on a 7B). Pins layers x batch x seq x 4 x hidden x 2 B more host memory (8 GiB for a 7B at seq 2048, batch 4).")
 
+    def upcast_frozen(self, spec: ModelSpec) -> bool:
+        """Whether k-bit training casts the frozen unquantized weights to float32 (PEFT's
+        preparation). Only float16 compute needs that (its range); bfloat16 has float32's."""
+        compute = spec.compute_dtype if spec.quantization == "4bit" else spec.dtype
+        return self.frozen_dtype == "float32" or (self.frozen_dtype == "auto" and compute == "float16")
+
     @model_validator(mode="after")
     def _accumulation(self) -> "SftSettings":
         if self.batch_size % self.micro_batch_size:

@@ -264,10 +264,9 @@ def _sft_terms(sft, spec: ModelSpec, shape: dict, device: str, weights: int, act
     k-bit preparation) stores the unquantized weights and the checkpointed residual stream in
     4 B; offload_checkpoints keeps the checkpoints in host memory; fused_lora under the
     stage's own checkpointing keeps one layer's dequantized weights through its backward."""
-    from tasks.sft import upcast_frozen
     b, s, n_lora, layers = sft.micro_batch_size, sft.max_seq_length, lora_params(shape, sft.lora), shape["num_hidden_layers"]
     ckpt = sft.gradient_checkpointing
-    upcast = spec.quantization != "none" and upcast_frozen(sft, spec)
+    upcast = spec.quantization != "none" and sft.upcast_frozen(spec)
     if upcast:
         weights += (shape["num_parameters"] - shape["linear_params"]) * (4 - act_b)
     offload = ckpt and sft.offload_checkpoints and device == "cuda"

@@ -54,13 +54,6 @@ def finite_loss_callback():
     return StopOnNonFinite()
 
 
-def upcast_frozen(settings: SftSettings, spec: ModelSpec) -> bool:
-    """PEFT's k-bit preparation casts every frozen non-quantized weight to float32. Only
-    float16 compute needs that (its range); bfloat16 has float32's range."""
-    compute = spec.compute_dtype if spec.quantization == "4bit" else spec.dtype
-    return settings.frozen_dtype == "float32" or (settings.frozen_dtype == "auto" and compute == "float16")
-
-
 def _complete(ckpt: Path) -> bool:
     """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off mid-save."""
     import json
@@ -93,7 +86,7 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
     set_seed(seed)   # LoRA's A matrices are drawn below, before the Trainer seeds anything: same seed, same adapter
     tok = load_tokenizer(model_res.tokenizer_path, spec.trust_remote_code)
     model = load_causal_lm(model_res.model_path, spec, device)
-    if spec.quantization != "none" and upcast_frozen(settings, spec):
+    if spec.quantization != "none" and settings.upcast_frozen(spec):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config(settings.lora))   # freezes the base; LoRA weights in fp32
