@@ -240,7 +240,7 @@ def mlflow_run_url(tracker: Any) -> str | None:
 def _local_mlflow_ui() -> str:
     """The MLflow server `shomin server --detach` started in this folder, else the default port."""
     try:
-        from flows.server import load
+        from shomin.flows.server import load
         running = load(".")
         s = running.get("mlflow") if running else None
         return s.url if s else DEFAULT_MLFLOW_UI

@@ -31,99 +31,11 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def check_pipeline(p, file: str = "pipelines.yaml", before_run: bool = False) -> None:
-    """Every check that needs no model weights: model source, local dataset rows and template,
-    reward function, GPU-only settings. `before_run` adds what only a run needs: with
-    HF_HUB_OFFLINE set, hub models and datasets must already be cached. Errors are
-    ConfigError naming the file and the field path (or the dataset file and row)."""
-    from tasks.config import ConfigError
-    try:
-        _check_pipeline(p, before_run)
-    except ConfigError as e:
-        raise type(e)(_locate(str(e), file, p.name)) from None
-
-
-def _locate(msg: str, file: str, name: str) -> str:
-    """`model.source: ...` -> `FILE: pipelines.NAME.model.source: ...`; messages naming a data file stay as they are."""
-    if msg.startswith(("model.", "dataset.", "stages.", "device:")):
-        return f"{file}: pipelines.{name}.{msg}"
-    if msg.startswith("pipelines."):
-        return f"{file}: {msg}"
-    return msg
-
-
-def _check_pipeline(p, before_run: bool) -> None:
-    from tasks import data, model
-    from tasks.config import ConfigError
-    if before_run:
-        model.resolve_device(p.device)  # cuda asked for, none here
-    if p.stages.model_init or p.stages.sft or p.stages.env_check:
-        model.check_source(p.model)
-        if before_run:
-            model.check_available(p.model, p.stages.model_init)
-    if p.dataset is not None and (before_run and model.hub_offline() or not data.is_hub_source(p.dataset)):
-        data.prepare(p.dataset, p.seed, p.stages.dataset)  # offline, a hub set is read from the cache
-    if _needs_gpu(p):
-        import torch
-        if p.device == "cpu" or not torch.cuda.is_available():
-            where = "model.quantization" if p.model.quantization == "8bit" else "stages.ppo.quantization"
-            raise ConfigError(f"{where}: 8bit needs a CUDA GPU (none here); use 4bit or none")
-    if p.stages.sft and p.stages.sft.kernels == "liger":
-        import importlib.util
-
-        import torch
-        if p.device == "cpu" or not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
-            raise ConfigError("stages.sft.kernels: liger needs CUDA and `pip install liger-kernel`; use auto or none")
-    if p.stages.ppo:
-        _check_reward(p.stages.ppo.reward, before_run)
-
-
-def _check_reward(r, before_run: bool) -> None:
-    """The reward is built only after SFT and merge; whatever can be checked without loading it, is, now."""
-    from tasks import reward as rw
-    from tasks.config import ConfigError
-    try:
-        if r.kind == "function":
-            rw.build_reward(r)  # imports the module and finds the callable
-        elif r.kind == "hf-classifier":
-            config = _classifier_config(r.model, before_run)
-            if config is not None:
-                rw._label_index(config.get("id2label") or {}, r.positive_label, r.model)
-    except rw.RewardError as e:
-        where = "function" if r.kind == "function" else ("positive_label" if "positive_label" in str(e) else "model")
-        raise ConfigError(f"stages.ppo.reward.{where}: {e}") from None
-
-
-def _classifier_config(name: str, before_run: bool) -> dict | None:
-    """config.json of a reward classifier: local folder, or (offline, before a run) the hub cache."""
-    import json
-
-    from tasks import reward as rw
-    from tasks.model import hub_offline
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise rw.RewardError(f"reward model folder {name!r} has no config.json")
-        if not any(folder.glob("*.safetensors")):
-            raise rw.RewardError(f"reward model folder {name!r} has no .safetensors weights; only safetensors are loaded")
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if rw._looks_like_local_path(name) or folder.exists():
-        raise rw.RewardError(f"reward model folder {name!r} does not exist")
-    if before_run and hub_offline():
-        from huggingface_hub import try_to_load_from_cache
-        cached = try_to_load_from_cache(name, "config.json")
-        if not isinstance(cached, str):
-            raise rw.RewardError(f"reward model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
-                                 "keeps the hub off; download it once with network access, or set `model` to a local folder")
-        return json.loads(Path(cached).read_text(encoding="utf-8"))
-    return None
-
-
 def prepare_tracking(p, workdir: str = ".") -> None:
     """Create (or migrate) a sqlite MLflow store and the pipeline's experiment under a file lock.
     Two first runs started at once would otherwise both run MLflow's schema migrations on
     the same new database, or both create the experiment, and one of them would crash."""
-    from tasks.tracking import Tracker, tracking_uri
+    from shomin.tasks.ground.tracking import Tracker, tracking_uri
     uri = tracking_uri(p.tracking, workdir)
     if not uri.startswith("sqlite:///"):
         return  # a server serialises this itself
@@ -139,23 +51,18 @@ def prepare_tracking(p, workdir: str = ".") -> None:
 
 
 def cmd_validate(args) -> int:
-    from tasks.config import load_config
-    config = load_config(args.file)
-    for p in config.pipelines.values():
-        if args.gpu_checks or not _needs_gpu(p):
-            check_pipeline(p, args.file)
-    print(f"{args.file}: {len(config.pipelines)} pipelines valid ({', '.join(config.pipelines)})")
+    from shomin.tasks import registry
+    pipelines = registry.load_config(args.file)
+    for p in pipelines.values():
+        if args.gpu_checks or not registry.needs_gpu(p):
+            registry.check_pipeline(p, args.file)
+    print(f"{args.file}: {len(pipelines)} pipelines valid ({', '.join(pipelines)})")
     return 0
 
 
-def _needs_gpu(p) -> bool:
-    return p.model.quantization == "8bit" or (p.stages.ppo is not None and p.stages.ppo.quantization == "8bit")
-
-
 def cmd_list(args) -> int:
-    from tasks.config import load_config
-    config = load_config(args.file)
-    for name, p in config.pipelines.items():
+    from shomin.tasks import registry
+    for name, p in registry.load_config(args.file).items():
         sched = f"  [schedule: {p.schedule.cron} {p.schedule.timezone}]" if p.schedule else ""
         print(f"{name:18} {' -> '.join(p.stages.names())}{sched}")
         if p.description:
@@ -164,28 +71,27 @@ def cmd_list(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from tasks import env_check
-    from tasks.config import load_pipeline
-    p = load_pipeline(args.file, args.pipeline, args.set)
-    print(env_check.plan_for(p).table())
+    from shomin.tasks import registry
+    p = registry.load_pipeline(args.file, args.pipeline, args.set)
+    print(registry.plan_for(p)["plan"].table())
     return 0
 
 
 def cmd_run(args) -> int:
-    from tasks.config import ConfigError, load_pipeline
+    from shomin.tasks import registry
+    from shomin.tasks.ground.errors import ConfigError
     if args.quiet:  # no progress bars (cron, CI logs); the stage lines and errors stay
-        from flows.deploy import QUIET_ENV
+        from shomin.flows.deploy import QUIET_ENV
         os.environ.update(QUIET_ENV)
-    p = load_pipeline(args.file, args.pipeline, args.set)
-    check_pipeline(p, args.file, before_run=True)
+    p = registry.load_pipeline(args.file, args.pipeline, args.set)
+    registry.check_pipeline(p, args.file, before_run=True)
     prepare_tracking(p)
-    from flows.pipeline import StageFailed, run_pipeline
-    from tasks.reward import RewardError
+    from shomin.flows.pipeline import StageFailed, run_pipeline
     try:
         summary = run_pipeline(args.pipeline, args.file, args.set, refresh=args.refresh,
                                on_start=lambda rid: print(f"shomin: {args.pipeline} run {rid}", file=sys.stderr))
     except StageFailed as e:
-        if isinstance(e.error, (ConfigError, RewardError)):  # a user mistake found only inside a stage
+        if isinstance(e.error, ConfigError):  # a user mistake found only inside a stage
             return _fail(f"stage '{e.stage}': {_one_line(e.error)}", 2)
         return _fail(_one_line(e), 1)
     run_dir = Path(p.output_dir) / p.name / summary["run_id"]
@@ -200,33 +106,23 @@ def cmd_run(args) -> int:
 
 def cmd_schema(args) -> int:
     import json
+    from shomin.tasks.registry import config_schema
     print(json.dumps(config_schema(), indent=2, ensure_ascii=False))
     return 0
-
-
-def config_schema() -> dict:
-    """JSON Schema of pipelines.yaml (pipelines.schema.json is this, for the YAML language server)."""
-    from tasks.config import Config
-    schema = Config.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": "https://shomin.invalid/pipelines.schema.json",
-            "title": "shomin pipelines.yaml",
-            "description": "Pipelines of shomin; all settings are the pydantic classes in tasks/config.py.",
-            **{k: v for k, v in schema.items() if k != "title"}}
 
 
 def _server_api_url() -> str | None:
     """PREFECT_API_URL, else the Prefect server `shomin server --detach` left running here."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
-    from flows import server
+    from shomin.flows import server
     running = server.load(".")
     s = running.get("prefect") if running else None
     return f"{s.url}/api" if s and server.alive(s) else None
 
 
 def cmd_serve(args) -> int:
-    from tasks.config import load_config
+    from shomin.tasks.registry import load_config
     load_config(args.file)  # a bad file is exit 2 before anything starts
     api = args.api_url or _server_api_url()
     if not api:
@@ -234,7 +130,7 @@ def cmd_serve(args) -> int:
                      "or set PREFECT_API_URL", 2)
     os.environ["PREFECT_API_URL"] = api
     os.environ.setdefault("PREFECT_HOME", str(Path(".prefect").resolve()))
-    from flows.deploy import scheduled, serve
+    from shomin.flows.deploy import scheduled, serve
     names = [p.name for p in scheduled(args.file, args.pipelines or None)]
     print(f"shomin: serving {', '.join(names) or 'nothing'} against {api}"
           f"{' (quiet)' if not args.progress else ''}; Ctrl-C stops", file=sys.stderr)
@@ -243,7 +139,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_server(args) -> int:
-    from flows import server
+    from shomin.flows import server
     if args.stop:
         running = server.load(".")
         if not running:
@@ -289,7 +185,7 @@ def cmd_server(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from flows.runs import collect, render
+    from shomin.flows.runs import collect, render
     rows = collect(args.file, args.pipeline, workdir=".", mlflow=not args.no_mlflow, limit=args.limit)
     if args.json:
         import json
@@ -353,11 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_environment()
-    from tasks.config import ConfigError
-    from tasks.reward import RewardError
+    from shomin.tasks.ground.errors import ConfigError
     try:
         return args.fn(args)
-    except (ConfigError, RewardError) as e:
+    except ConfigError as e:
         return _fail(_one_line(e), 2)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)

@@ -19,7 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.config import ConfigError, Pipeline, load_config
+from shomin.tasks.ground.errors import ConfigError
+from shomin.tasks.ground.settings import PipelineBase as Pipeline
+from shomin.tasks.registry import load_config
 
 QUIET_ENV = {  # progress bars off for unattended runs; logs stay
     "TQDM_DISABLE": "1",
@@ -44,16 +46,16 @@ def override_list(overrides: dict[str, Any]) -> list[str]:
 
 def scheduled(config_path: str | Path, names: list[str] | None = None) -> list[Pipeline]:
     """The pipelines to deploy: all with a schedule, or the named ones (each must have one)."""
-    config = load_config(config_path)
+    pipelines = load_config(config_path)
     if names:
-        missing = [n for n in names if n not in config.pipelines]
+        missing = [n for n in names if n not in pipelines]
         if missing:
-            raise ConfigError(f"{config_path}: no pipeline named '{missing[0]}' (known: {', '.join(config.pipelines)})")
-        unscheduled = [n for n in names if config.pipelines[n].schedule is None]
+            raise ConfigError(f"{config_path}: no pipeline named '{missing[0]}' (known: {', '.join(pipelines)})")
+        unscheduled = [n for n in names if pipelines[n].schedule is None]
         if unscheduled:
             raise ConfigError(f"{config_path}: pipelines.{unscheduled[0]}: has no `schedule:` to serve")
-        return [config.pipelines[n] for n in names]
-    return [p for p in config.pipelines.values() if p.schedule is not None]
+        return [pipelines[n] for n in names]
+    return [p for p in pipelines.values() if p.schedule is not None]
 
 
 def deployment_parameters(p: Pipeline, config_path: str | Path, workdir: str | Path) -> dict[str, Any]:
@@ -68,10 +70,10 @@ def build_deployments(config_path: str | Path = "pipelines.yaml", names: list[st
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    from flows.pipeline import pipeline_flow
+    from shomin.flows.pipeline import pipeline_flow
     pipelines = scheduled(config_path, names)
     # validate every override now, not at 3 a.m.
-    from tasks.config import load_pipeline
+    from shomin.tasks.registry import load_pipeline
     for p in pipelines:
         load_pipeline(config_path, p.name, override_list(p.schedule.overrides))
     deployments = []

@@ -14,13 +14,14 @@ from typing import Any, Callable
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import stages as st
-from tasks.config import Pipeline, load_pipeline
-from tasks.model import resolve_device
-from tasks.rundir import RunDir, StageResult, new_run_id
-from tasks.tracking import Tracker, git_commit
-
-CHECKPOINTED = {"sft", "ppo"}
+from shomin.flows.prefect_tasks import stage_task
+from shomin.tasks import registry
+from shomin.tasks.ground.contract import Stage
+from shomin.tasks.ground.records import StageResult
+from shomin.tasks.ground.rundir import RunDir, new_run_id
+from shomin.tasks.ground.settings import PipelineBase
+from shomin.tasks.ground.tracking import Tracker, git_commit
+from shomin.tasks.models.loading import resolve_device
 
 
 def _flow_run_name() -> str:
@@ -37,75 +38,56 @@ class StageFailed(RuntimeError):
 class StageRunner:
     """Runs one stage task, tells a cache hit from a fresh run, records both."""
 
-    def __init__(self, pipeline: Pipeline, run: RunDir, tracker: Tracker, refresh: bool):
-        self.p, self.run, self.tracker, self.refresh = pipeline, run, tracker, refresh
+    def __init__(self, pipeline: PipelineBase, run: RunDir, tracker: Tracker, refresh: bool, device: str):
+        self.p, self.run, self.tracker, self.refresh, self.device = pipeline, run, tracker, refresh, device
+        self.plan: dict | None = None
         self.tags = {"pipeline": pipeline.name, "run_id": run.run_id, "seed": str(pipeline.seed),
                      "git_commit": git_commit(Path(__file__).parent) or "unknown"}
 
-    def __call__(self, stage: str, task_fn, settings: Any, **params: Any) -> StageResult:
-        params = {"settings": settings, **params, "out_dir": str(self.run.stage_dir(stage))}
-        if stage in CHECKPOINTED:  # keyed by inputs, outside the run folder: a rerun resumes
-            key = st.stage_key(stage, params)
-            params["checkpoint_dir"] = str(self.run.path.parent / ".checkpoints" / key)
-        t0 = time.time()
+    def __call__(self, stage: Stage, results: dict[str, StageResult]) -> StageResult:
+        inputs = stage.inputs_of(results)
+        if stage.name == "env_check":   # the plan env_check checks, and every later stage's OOM advice reads
+            self.plan = registry.plan_for(self.p)
+        ctx = registry.context(stage, self.p, self.device, self.run.stage_dir(stage.name), plan=self.plan)
+        if stage.checkpoints:  # keyed by inputs, outside the run folder: a rerun resumes
+            key = registry.stage_key(stage, ctx, inputs)
+            ctx = ctx.model_copy(update={"checkpoint_dir": str(self.run.path.parent / ".checkpoints" / key)})
+        t0, task_fn = time.time(), stage_task(stage)
         fn = task_fn.with_options(refresh_cache=True) if self.refresh else task_fn
-        state = fn(**params, return_state=True)
+        state = fn(ctx, inputs, return_state=True)
         if state.is_completed():
             result = state.result()
             cached = state.name == "Cached"
             if cached and not Path(result.output_dir).exists():  # the earlier run's folder is gone
-                state = task_fn.with_options(refresh_cache=True)(**params, return_state=True)
+                state = task_fn.with_options(refresh_cache=True)(ctx, inputs, return_state=True)
                 result, cached = state.result(raise_on_failure=False), False
+        settings = ctx.settings.model_dump(mode="json")
         if not state.is_completed():
             error = state.result(raise_on_failure=False)
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
-            self.run.record_stage(stage, "failed", error=message, seconds=time.time() - t0)
-            self.tracker.log_stage(stage, "failed", _settings_dict(settings), None, self.tags, error=message)
-            raise StageFailed(stage, error) from error if isinstance(error, BaseException) else None
+            self.run.record_stage(stage.name, "failed", error=message, seconds=time.time() - t0)
+            self.tracker.log_stage(stage.name, "failed", settings, None, self.tags, error=message)
+            raise StageFailed(stage.name, error) from error if isinstance(error, BaseException) else None
         status = "cached" if cached else "completed"
         if cached:
-            self.run.link_stage(stage, result.output_dir)
-        self.run.record_stage(stage, status, result)
-        self.tracker.log_stage(stage, status, _settings_dict(settings), result, self.tags)
+            self.run.link_stage(stage.name, result.output_dir)
+        self.run.record_stage(stage.name, status, result)
+        self.tracker.log_stage(stage.name, status, settings, result, self.tags)
         return result
 
 
-def _settings_dict(settings: Any) -> dict:
-    return settings.model_dump(mode="json") if hasattr(settings, "model_dump") else {}
+def run_stages(p: PipelineBase, run: StageRunner) -> dict[str, StageResult]:
+    """The chain: every present stage in registry order, each with the earlier results it declares."""
+    results: dict[str, StageResult] = {}
+    for stage in registry.present(p):
+        results[stage.name] = run(stage, results)
+    return results
 
 
-def run_stages(p: Pipeline, run: StageRunner, device: str) -> dict[str, StageResult]:
-    """The chain, in order; each stage gets only what it needs."""
-    s, out = p.stages, {}
-    if s.env_check:
-        out["env_check"] = run("env_check", st.env_check_task, s.env_check, pipeline=p)
-    if s.model_init:
-        out["model_init"] = run("model_init", st.model_init_task, s.model_init, spec=p.model)
-    if s.dataset:
-        out["dataset"] = run("dataset", st.dataset_task, s.dataset, spec=p.dataset, seed=p.seed)
-    if s.sft:
-        out["sft"] = run("sft", st.sft_task, s.sft, spec=p.model, model_res=out["model_init"],
-                         data_res=out["dataset"], device=device, seed=p.seed)
-    if s.merge:
-        out["merge"] = run("merge", st.merge_task, s.merge, spec=p.model, model_res=out["model_init"],
-                           sft_res=out["sft"])
-    if s.ppo:
-        out["ppo"] = run("ppo", st.ppo_task, s.ppo, spec=p.model, merge_res=out["merge"],
-                         data_res=out["dataset"], device=device, seed=p.seed)
-    if s.evaluate:
-        out["evaluate"] = run(
-            "evaluate", st.evaluate_task, s.evaluate, spec=p.model, model_res=out["model_init"],
-            data_res=out["dataset"], adapter_path=getattr(out.get("sft"), "adapter_path", None),
-            merged_path=getattr(out.get("merge"), "merged_path", None),
-            ppo_adapter_path=getattr(out.get("ppo"), "adapter_path", None),
-            ppo_settings=s.ppo, device=device, seed=p.seed)
-    return out
-
-
-def _publish(summary: dict, results: dict, tracker: Tracker, p: Pipeline) -> None:
+def _publish(summary: dict, results: dict, tracker: Tracker, p: PipelineBase) -> None:
     """Prefect artifacts, MLflow plots/tables (flows/artifacts.py); never fails a run."""
     try:
-        from flows.artifacts import publish_artifacts
+        from shomin.flows.artifacts import publish_artifacts
         publish_artifacts(summary, results, tracker, p)
     except Exception as e:  # noqa: BLE001 - a picture must never cost a finished run
         print(f"shomin: warning: could not publish artifacts ({type(e).__name__}: {e})", file=sys.stderr)
@@ -115,17 +97,17 @@ def _publish(summary: dict, results: dict, tracker: Tracker, p: Pipeline) -> Non
 def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list[str] | None = None,
                   run_id: str | None = None, refresh: bool = False, workdir: str = ".") -> dict:
     """Run one pipeline of a pipelines.yaml; returns its summary (also in summary.json)."""
-    p = load_pipeline(config, pipeline, overrides or [])
+    p = registry.load_pipeline(config, pipeline, overrides or [])
     run_id = run_id or (flow_run.name or "").partition(":")[2] or None
     rundir = RunDir(Path(workdir) / p.output_dir, p.name, run_id)
     rundir.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
     tracker = Tracker(p.tracking, p.tracking.experiment or p.name, workdir)
-    runner = StageRunner(p, rundir, tracker, refresh)
+    runner = StageRunner(p, rundir, tracker, refresh, resolve_device(p.device))
     rundir.summary["mlflow_run_id"] = tracker.start(
         f"{p.name}/{rundir.run_id}", p.model_dump(mode="json", exclude={"stages"}), runner.tags)
     rundir.save()
     try:
-        results = run_stages(p, runner, resolve_device(p.device))
+        results = run_stages(p, runner)
     except BaseException as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         rundir.finish("failed", message)
@@ -134,7 +116,8 @@ def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list
         raise
     rundir.finish("completed")
     _publish(rundir.summary, results, tracker, p)
-    tracker.finish("completed", (results.get("evaluate") or StageResult(stage="", output_dir="")).metrics)
+    last = list(results.values())[-1] if results else None
+    tracker.finish("completed", last.metrics if last else None)
     return rundir.summary
 
 

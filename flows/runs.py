@@ -18,8 +18,8 @@ SHORT = {"loss_before": "loss0", "loss_after": "loss", "perplexity_after": "ppl"
 def _pipelines(config_path: str | Path, workdir: Path) -> dict[str, Any]:
     """name -> Pipeline (or None when only a runs/ folder is known)."""
     try:
-        from tasks.config import load_config
-        found: dict[str, Any] = dict(load_config(config_path).pipelines)
+        from shomin.tasks.registry import load_config
+        found: dict[str, Any] = dict(load_config(config_path))
     except Exception:  # noqa: BLE001 - listing must work with a broken or missing file
         found = {}
     runs_root = workdir / "runs"
@@ -47,8 +47,8 @@ def _from_summary(path: Path) -> dict | None:
 
 
 def _mlflow_runs(name: str, pipeline: Any, workdir: Path, limit: int) -> list[dict]:
-    from tasks.config import Tracking
-    from tasks.tracking import tracking_uri
+    from shomin.tasks.ground.settings import Tracking
+    from shomin.tasks.ground.tracking import tracking_uri
     tracking = pipeline.tracking if pipeline is not None else Tracking()
     uri = tracking_uri(tracking, workdir)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():

@@ -10,7 +10,8 @@ text (higher = better).  Three kinds are offered:
 * ``function`` - any importable Python callable ``f(texts) -> list[float]``
   given as ``"package.module:function"``.
 
-Use :func:`build_reward` to turn :class:`RewardSettings` into the callable.
+Use :func:`build_reward` to turn :class:`RewardSettings` (tasks/ground/settings.py) into the
+callable, and :func:`check_reward` to check what can be checked before a run.
 """
 
 from __future__ import annotations
@@ -23,94 +24,16 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from shomin.tasks.ground import hub
+from shomin.tasks.ground.errors import ConfigError, RewardError
+from shomin.tasks.ground.settings import DEFAULT_CLASSIFIER, RewardSettings
 
-__all__ = ["DEFAULT_CLASSIFIER", "RewardError", "RewardFn", "RewardSettings", "build_reward"]
-
-DEFAULT_CLASSIFIER = "lvwerra/distilbert-imdb"
+__all__ = ["RewardFn", "build_reward", "check_reward"]
 
 RewardFn = Callable[[list[str]], list[float]]
 
 # Tokenizers without a configured limit report a huge sentinel (int(1e30)).
 _NO_LIMIT = 1_000_000
-
-
-class RewardError(ValueError):
-    """A user-facing configuration problem; message is one line."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(_one_line(message))
-
-
-class RewardSettings(BaseModel):
-    """How generated text is scored during PPO."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["vader", "hf-classifier", "function"] = Field(
-        default="vader",
-        description=(
-            "Which reward to use: 'vader' (VADER compound sentiment in [-1, 1], no model needed), "
-            "'hf-classifier' (a Hugging Face sequence-classification model), or "
-            "'function' (your own Python function, see `function`)."
-        ),
-    )
-    model: str | None = Field(
-        default=None,
-        description=(
-            "hf-classifier only: Hugging Face hub id or local folder of a sequence-classification "
-            f"model. Defaults to '{DEFAULT_CLASSIFIER}' when kind is 'hf-classifier'."
-        ),
-    )
-    positive_label: str = Field(
-        default="POSITIVE",
-        description=(
-            "hf-classifier only: NAME of the label to reward, looked up case-insensitively in "
-            "the model's config.id2label (never an index)."
-        ),
-    )
-    output: Literal["logit", "probability"] = Field(
-        default="logit",
-        description=(
-            "hf-classifier only: reward with the raw logit of the positive label ('logit') "
-            "or its softmax probability in (0, 1) ('probability')."
-        ),
-    )
-    function: str | None = Field(
-        default=None,
-        description=(
-            "function only (and required there): 'package.module:function', an importable "
-            "callable taking list[str] and returning one finite float per text."
-        ),
-    )
-    batch_size: int = Field(
-        default=16,
-        gt=0,
-        description="hf-classifier only: number of texts scored per forward pass.",
-    )
-    trust_remote_code: bool = Field(
-        default=False,
-        description=(
-            "hf-classifier only: allow custom model code shipped with the model to run. "
-            "Enable only for models you trust."
-        ),
-    )
-
-    @model_validator(mode="after")
-    def _check_kind_fields(self) -> RewardSettings:
-        if self.kind == "function":
-            if not self.function:
-                raise ValueError(
-                    "kind 'function' requires `function` set to 'package.module:function'"
-                )
-        elif self.function is not None:
-            raise ValueError(
-                f"`function` is only used with kind 'function', but kind is {self.kind!r}; "
-                "remove `function` or set kind: function"
-            )
-        if self.kind == "hf-classifier" and self.model is None:
-            self.model = DEFAULT_CLASSIFIER
-        return self
 
 
 def build_reward(settings: RewardSettings, device: str = "cpu") -> RewardFn:
@@ -130,10 +53,6 @@ def build_reward(settings: RewardSettings, device: str = "cpu") -> RewardFn:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _first_line(exc: BaseException) -> str:
@@ -167,50 +86,11 @@ def _build_vader() -> RewardFn:
 # --------------------------------------------------------------------------- hf-classifier
 
 
-def _looks_like_local_path(name: str) -> bool:
-    if os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\")):
-        return True
-    if os.sep != "/" and os.sep in name:
-        return True
-    # Hub ids are "name" or "org/name"; more slashes can only be a path.
-    return name.count("/") > 1
-
-
-def _hub_offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.is_offline_mode())
-    except Exception:  # pragma: no cover - very old huggingface_hub
-        value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-        return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _load_classifier(name: str, trust_remote_code: bool):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    expanded = os.path.expanduser(name)
-    is_local = os.path.isdir(expanded)
-    if not is_local:
-        if os.path.exists(expanded):
-            raise RewardError(
-                f"reward model {name!r} is a file; point `model` at the folder holding "
-                "config.json, model.safetensors and the tokenizer files"
-            )
-        if _looks_like_local_path(name):
-            raise RewardError(
-                f"reward model folder {name!r} does not exist; check the `model` path"
-            )
-    if is_local and not os.path.isfile(os.path.join(expanded, "config.json")):
-        raise RewardError(
-            f"reward model folder {name!r} has no config.json; save the classifier there "
-            "with save_pretrained (model and tokenizer)"
-        )
-    if is_local and not any(f.endswith(".safetensors") for f in os.listdir(expanded)):
-        raise RewardError(
-            f"reward model folder {name!r} has no .safetensors weights; only safetensors are "
-            "loaded (re-save the model with save_pretrained(..., safe_serialization=True))"
-        )
+    local = _local_folder(name)
+    is_local, expanded = local is not None, str(local)
     source = expanded if is_local else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -227,7 +107,7 @@ def _load_classifier(name: str, trust_remote_code: bool):
             ) from exc
         hint = (
             "HF_HUB_OFFLINE is set, so only the local Hugging Face cache is searched"
-            if _hub_offline()
+            if hub.hub_offline()
             else "the hub could not be reached over the network and the model is not cached"
         )
         raise RewardError(
@@ -423,3 +303,51 @@ def _build_function(spec: str) -> RewardFn:
     function_reward.__name__ = getattr(fn, "__name__", "function_reward")
     function_reward.__wrapped__ = fn  # type: ignore[attr-defined]
     return function_reward
+
+
+# --------------------------------------------------------------------------- before a run
+
+
+def check_reward(settings: RewardSettings, before_run: bool, where: str = "stages.ppo.reward") -> None:
+    """The reward is built only after the stages before it; whatever can be checked without
+    loading a model, is, now: the function imports, the classifier folder (or, offline
+    before a run, its hub cache) has a config naming `positive_label`."""
+    try:
+        if settings.kind == "function":
+            build_reward(settings)  # imports the module and finds the callable
+        elif settings.kind == "hf-classifier":
+            config = _classifier_config(settings.model, before_run)
+            if config is not None:
+                _label_index(config.get("id2label") or {}, settings.positive_label, settings.model)
+    except RewardError as e:
+        field = "function" if settings.kind == "function" else ("positive_label" if "positive_label" in str(e) else "model")
+        raise ConfigError(f"{where}.{field}: {e}") from None
+
+
+def _local_folder(name: str):
+    """The classifier's local folder (checked: config.json + safetensors), or None for a hub id."""
+    from pathlib import Path
+    folder = Path(name).expanduser()
+    if not folder.exists() and not hub.looks_like_path(name):
+        return None
+    try:
+        return hub.check_folder(folder, "reward model")
+    except ConfigError as e:
+        raise RewardError(str(e)) from None
+
+
+def _classifier_config(name: str, before_run: bool) -> dict | None:
+    """config.json of a reward classifier: local folder, or (offline, before a run) the hub cache."""
+    import json
+    from pathlib import Path
+    folder = _local_folder(name)
+    if folder is not None:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if before_run and hub.hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            raise RewardError(f"reward model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                              "keeps the hub off; download it once with network access, or set `model` to a local folder")
+        return json.loads(Path(cached).read_text(encoding="utf-8"))
+    return None

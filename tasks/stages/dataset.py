@@ -17,22 +17,19 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
 
-from tasks.config import ConfigError, DatasetSpec, DatasetStageSettings
-from tasks.rundir import StageResult, staged_dir, write_json
+from pydantic import Field
+
+from shomin.tasks.ground.contract import Inputs, Stage, StageContext
+from shomin.tasks.ground.errors import ConfigError, DataError
+from shomin.tasks.ground.records import DataResult
+from shomin.tasks.ground.rundir import staged_dir, write_json
+from shomin.tasks.ground.settings import DatasetSpec, Strict
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-class DataError(ConfigError):
-    """Bad dataset content; one line naming file, row and column."""
-
-
-class DataResult(StageResult):
-    train_path: str
-    eval_path: str
-    format: str
-    n_train: int
-    n_eval: int
+class DatasetStageSettings(Strict):
+    drop_duplicates: bool = Field(True, description="Drop rows whose templated text repeats.")
 
 
 def _not_blank(s: pd.Series) -> pd.Series:
@@ -203,15 +200,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def run(settings: DatasetStageSettings, spec: DatasetSpec, seed: int, out_dir: str | Path) -> DataResult:
-    t0 = time.time()
-    train, evals = prepare(spec, seed, settings)
-    with staged_dir(out_dir) as tmp:
+def run(ctx: StageContext, inputs: Inputs) -> DataResult:
+    t0, spec, seed = time.time(), ctx.dataset, ctx.seed
+    train, evals = prepare(spec, seed, ctx.settings)
+    with staged_dir(ctx.out_dir) as tmp:
         _write_jsonl(tmp / "train.jsonl", train)
         _write_jsonl(tmp / "eval.jsonl", evals)
         write_json(tmp / "dataset.json", {"source": spec.source, "format": spec.format,
                                           "n_train": len(train), "n_eval": len(evals), "seed": seed})
-    out = Path(out_dir)
+    out = Path(ctx.out_dir)
     return DataResult(stage="dataset", output_dir=str(out), train_path=str(out / "train.jsonl"),
                       eval_path=str(out / "eval.jsonl"), format=spec.format, n_train=len(train),
                       n_eval=len(evals), metrics={"n_train": len(train), "n_eval": len(evals)},
@@ -219,6 +216,14 @@ def run(settings: DatasetStageSettings, spec: DatasetSpec, seed: int, out_dir: s
                       seconds=time.time() - t0)
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def check(pipeline, settings: DatasetStageSettings, before_run: bool) -> None:
+    """Every row is read and validated before a run, and by `shomin validate` (offline, a hub
+    set only before a run: it is read from the cache)."""
+    from shomin.tasks.ground.hub import hub_offline
+    if before_run and hub_offline() or not is_hub_source(pipeline.dataset):
+        prepare(pipeline.dataset, pipeline.seed, settings)
+
+
+STAGE = Stage("dataset", DatasetStageSettings, run, check=check, identity=("dataset", "seed"), retries=2,
+              needs_dataset_spec=True,
+              help="Read, validate (pandera), template and split the dataset into train/eval JSONL.")

@@ -15,7 +15,7 @@ epilogue, and the backward is written by hand:
 Only d(x), the mask and the rank-r product are saved; the frozen 4-bit weight is
 dequantized again in the backward instead of being kept (bitsandbytes does the same),
 except in a recompute, whose backward follows at once.
-Under tasks/checkpointing.py, the last projection of a block skips its base GEMM when
+Under levers/checkpointing.py, the last projection of a block skips its base GEMM when
 the block is recomputed: that output only feeds the residual add (FEEDS_RESIDUAL); with
 offloading, the attention projections fetch their first-forward output back from host
 memory instead of recomputing it (CACHED_OUTPUTS).
@@ -28,7 +28,7 @@ import types
 
 import torch
 
-from tasks.checkpointing import fetch, recomputing, stash
+from shomin.tasks.models.levers.checkpointing import fetch, recomputing, stash
 
 
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -145,7 +145,7 @@ def fuse_lora_layers(model: torch.nn.Module) -> int:
 
 
 # The last projection of each block, per architecture: its output goes only into the
-# residual add, so a recompute under tasks/checkpointing.py may skip it. Only listed
+# residual add, so a recompute under levers/checkpointing.py may skip it. Only listed
 # architectures: others (e.g. gemma2's norm after the MLP) read that output again.
 FEEDS_RESIDUAL = {"llama": ("mlp.down_proj",), "mistral": ("mlp.down_proj",), "qwen2": ("mlp.down_proj",),
                   "qwen3": ("mlp.down_proj",), "gpt_neox": ("mlp.dense_4h_to_h",)}

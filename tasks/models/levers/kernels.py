@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from typing import Callable
 
 import torch
 
-from tasks.config import ConfigError
+from shomin.tasks.ground.errors import ConfigError
 
 LIGER_ARCHS = {"llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "phi3", "granite", "olmo2"}
 
@@ -37,14 +38,41 @@ def _liger_layer_norm(kernel, m: torch.nn.LayerNorm, x: torch.Tensor) -> torch.T
 LIGER_OWN = {"gpt_neox": _neox}
 
 
+def available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def modeling_module(model):
+    """transformers' modeling module of `model`'s architecture: where Liger's patches (and ours) land."""
+    import sys
+    return sys.modules.get(type(model).__module__) if model is not None else None
+
+
+def snapshot(model) -> Callable[[], None]:
+    """Patches to a modeling module are process-wide: every later model of that architecture in
+    this process would run them. Returns a function that puts the module's functions and
+    classes back as they are now (what tasks/models/levers undoes when the stage ends)."""
+    module = modeling_module(model)
+    if module is None:
+        return lambda: None
+    saved = dict(vars(module))
+
+    def restore() -> None:
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+    return restore
+
+
 def use_liger(kernels: str, device: str, model) -> bool:
     """Liger's Triton kernels need CUDA and a supported architecture; `liger` asked for
     explicitly on an unsupported setup is an error, `auto` quietly falls back. Returns
     whether the Trainer should apply Liger (architectures in LIGER_OWN are patched
-    here, process-wide like Liger's own patches, and return False)."""
+    here and return False). Either way the patches are process-wide: take a `snapshot`
+    first."""
     model_type = getattr(model.config, "model_type", "")
     known = LIGER_ARCHS | set(LIGER_OWN)
-    ok = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None and model_type in known
+    ok = device == "cuda" and available() and model_type in known
     if kernels == "liger" and not ok:
         raise ConfigError(f"stages.sft.kernels: liger needs CUDA, `pip install liger-kernel` and one of "
                           f"{sorted(known)} (this is {model_type or 'unknown'} on {device})")

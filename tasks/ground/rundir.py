@@ -16,17 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from pydantic import BaseModel, Field
-
-
-class StageResult(BaseModel):
-    """What every stage returns: small, serialisable, safe to cache."""
-    stage: str
-    output_dir: str
-    metrics: dict[str, float] = Field(default_factory=dict)
-    artifacts: dict[str, str] = Field(default_factory=dict)
-    seconds: float = 0.0
-    resumed_from_step: int | None = None
+from shomin.tasks.ground.records import StageResult
 
 
 def new_run_id() -> str:
@@ -121,3 +111,14 @@ class RunDir:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows a stage wrote with one JSON object per line (the dataset stage's train/eval sets)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def markdown_cell(text: object, width: int = 300) -> str:
+    """Text safe inside a markdown table cell: pipes escaped, newlines as <br>, cut to `width`."""
+    return "—" if text is None else str(text).replace("|", "\\|").replace("\n", "<br>")[:width]

@@ -11,14 +11,22 @@ import json
 import time
 from pathlib import Path
 
-from tasks.config import ConfigError, MergeSettings, ModelSpec
-from tasks.model import DTYPES, ModelResult, load_causal_lm, load_tokenizer
-from tasks.rundir import StageResult, staged_dir, write_json
-from tasks.sft import SftResult
+from typing import Literal
+
+from pydantic import Field
+
+from shomin.tasks.ground.contract import Inputs, Stage, StageContext
+from shomin.tasks.ground.errors import ConfigError
+from shomin.tasks.ground.records import MergeResult, ModelResult
+from shomin.tasks.ground.rundir import staged_dir, write_json
+from shomin.tasks.ground.settings import Strict
+from shomin.tasks.models import memory as mem
+from shomin.tasks.models.loading import DTYPES, load_causal_lm, load_tokenizer
 
 
-class MergeResult(StageResult):
-    merged_path: str
+class MergeSettings(Strict):
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Dtype the original base is loaded and merged in.")
+    max_shard_size: str = Field("2GB")
 
 
 def check_adapter_matches(adapter_path: str | Path, model_res: ModelResult) -> None:
@@ -47,10 +55,10 @@ def _mismatch(e: RuntimeError) -> str:
     return next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
 
 
-def run(settings: MergeSettings, spec: ModelSpec, model_res: ModelResult, sft: SftResult,
-        out_dir: str | Path) -> MergeResult:
+def run(ctx: StageContext, inputs: Inputs) -> MergeResult:
     from peft import PeftModel
-    t0 = time.time()
+    t0, settings, spec = time.time(), ctx.settings, ctx.model
+    model_res, sft = inputs["model_init"], inputs["sft"]
     check_adapter_matches(sft.adapter_path, model_res)
     base = load_causal_lm(model_res.model_path, spec, "cpu", quantization="none", dtype=DTYPES[settings.dtype])
     try:
@@ -59,11 +67,22 @@ def run(settings: MergeSettings, spec: ModelSpec, model_res: ModelResult, sft: S
         raise ConfigError(f"merge: adapter {sft.adapter_path} does not fit the base ({_mismatch(e)})") from None
     merged = model.merge_and_unload()
     tok = load_tokenizer(model_res.tokenizer_path, spec.trust_remote_code)
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(ctx.out_dir) as tmp:
         merged.save_pretrained(tmp / "model", safe_serialization=True, max_shard_size=settings.max_shard_size)
         tok.save_pretrained(tmp / "model")
         write_json(tmp / "merge.json", {"base": model_res.model_path, "adapter": sft.adapter_path,
                                         "dtype": settings.dtype})
-    out = Path(out_dir)
+    out = Path(ctx.out_dir)
     return MergeResult(stage="merge", output_dir=str(out), merged_path=str(out / "model"),
                        artifacts={"merged": str(out / "model")}, seconds=time.time() - t0)
+
+
+def plan(settings: MergeSettings, inputs: mem.PlanInputs) -> dict:
+    """The whole base at the merge dtype, in host RAM (merge always runs on the CPU)."""
+    inputs.notes["merge.weights"] = f"{settings.dtype}, CPU RAM"
+    return {"weights": inputs.shape["num_parameters"] * mem.DTYPE_BYTES[settings.dtype]}
+
+
+STAGE = Stage("merge", MergeSettings, run, plan=plan, needs=("sft", "model_init"), memory="host",
+              identity=("model",), advice="merge loads the whole base at 16-bit in CPU RAM; free RAM or use a smaller model",
+              help="Fold the SFT adapter into the original base, reloaded unquantized at 16-bit.")

@@ -8,23 +8,28 @@ for instruction data, on every token for plain text.
 """
 from __future__ import annotations
 
-import gc
 import math
 import time
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
-from tasks.config import EvaluateSettings, ModelSpec, PpoSettings
-from tasks.data import DataResult, read_jsonl
-from tasks.model import (ModelResult, OutOfMemory, load_causal_lm, load_tokenizer, oom_message, planned_peak_gib,
-                         resolve_device)
-from tasks.rundir import StageResult, staged_dir, write_json, write_text
+from shomin.tasks.ground.contract import Inputs, Stage, StageContext
+from shomin.tasks.ground.records import EvalResult
+from shomin.tasks.ground.rundir import markdown_cell, read_jsonl, staged_dir, write_json, write_text
+from shomin.tasks.ground.settings import Strict
+from shomin.tasks.models import memory as mem
+from shomin.tasks.models.loading import free, load_causal_lm, load_tokenizer
 
 
-class EvalResult(StageResult):
-    eval_json: str
-    eval_md: str
+class EvaluateSettings(Strict):
+    max_rows: int = Field(64, gt=0, description="Held-out rows for loss and perplexity.")
+    batch_size: int = Field(8, gt=0)
+    max_seq_length: int = Field(512, gt=0)
+    num_prompts: int = Field(4, ge=0, description="Held-out prompts answered before and after, side by side.")
+    max_new_tokens: int = Field(48, gt=0)
+    reward_prompts: int = Field(32, ge=0, description="RLHF pipelines: held-out queries scored for reward and KL.")
 
 
 def _encode(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
@@ -80,69 +85,62 @@ def _measure(model, tok, rows, prompts, settings, device) -> tuple[float, list[s
     return heldout_loss(model, tok, rows, settings, device), answer(model, tok, prompts, settings.max_new_tokens, device)
 
 
-def _free(model) -> None:
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def run(settings: EvaluateSettings, spec: ModelSpec, model_res: ModelResult, data: DataResult, out_dir: str | Path,
-        **kwargs) -> EvalResult:
-    try:
-        return _run(settings, spec, model_res, data, out_dir, **kwargs)
-    except torch.cuda.OutOfMemoryError:
-        raise OutOfMemory(oom_message("evaluate", settings, planned_peak_gib(out_dir, "evaluate"))) from None
-
-
-def _run(settings: EvaluateSettings, spec: ModelSpec, model_res: ModelResult, data: DataResult, out_dir: str | Path,
-         *, adapter_path: str | None = None, merged_path: str | None = None, ppo_adapter_path: str | None = None,
-         ppo_settings: PpoSettings | None = None, device: str = "auto", seed: int = 42) -> EvalResult:
-    t0 = time.time()
-    device = resolve_device(device)
-    torch.manual_seed(seed)
+def run(ctx: StageContext, inputs: Inputs) -> EvalResult:
+    """One model in memory at a time: the base, then the tuned model (the base itself under an
+    adapter, or the merged model after the base is freed), then the PPO policy's own load."""
+    t0, settings, spec, device = time.time(), ctx.settings, ctx.model, ctx.device
+    torch.manual_seed(ctx.seed)
+    model_res, data = inputs["model_init"], inputs["dataset"]
+    sft, merged, ppo = inputs.get("sft"), inputs.get("merge"), inputs.get("ppo")
     tok = load_tokenizer(model_res.tokenizer_path, spec.trust_remote_code)
     rows = read_jsonl(data.eval_path)
     prompts = [r.get("prompt", r.get("text", "")[:60]) for r in rows[: settings.num_prompts]]
 
-    base = load_causal_lm(model_res.model_path, spec, device)
-    loss_before, answers_before = _measure(base, tok, rows, prompts, settings, device)
-    if merged_path is None and adapter_path is not None:
+    model = load_causal_lm(model_res.model_path, spec, device)
+    loss_before, answers_before = _measure(model, tok, rows, prompts, settings, device)
+    if merged is None and sft is not None:
         from peft import PeftModel
-        after = PeftModel.from_pretrained(base, adapter_path)
+        model = PeftModel.from_pretrained(model, sft.adapter_path)   # the same weights, adapter on
     else:
-        _free(base)
-        after = load_causal_lm(merged_path, spec, device) if merged_path else None
+        del model
+        free()
+        model = load_causal_lm(merged.merged_path, spec, device) if merged else None
     report: dict = {"loss_before": loss_before, "perplexity_before": math.exp(min(loss_before, 50)),
                     "n_eval_rows": min(len(rows), settings.max_rows)}
     answers_after = None
-    if after is not None:
-        loss_after, answers_after = _measure(after, tok, rows, prompts, settings, device)
+    if model is not None:
+        loss_after, answers_after = _measure(model, tok, rows, prompts, settings, device)
         report.update(loss_after=loss_after, perplexity_after=math.exp(min(loss_after, 50)))
-        _free(after)
-
-    rlhf = None
-    if ppo_adapter_path and merged_path and ppo_settings is not None and settings.reward_prompts:
-        from tasks.ppo import build_queries, evaluate_policy
-        queries = build_queries(data.eval_path, tok, ppo_settings, seed)[: settings.reward_prompts]
-        rlhf = evaluate_policy(merged_path, ppo_adapter_path, spec, ppo_settings, queries, device=device, seed=seed)
+    del model
+    free()
+    rlhf = _rlhf(ctx, tok, data.eval_path, merged, ppo)
+    if rlhf:
         report.update(reward_sft=rlhf["reward_sft"], reward_ppo=rlhf["reward_ppo"], kl_ppo=rlhf["kl_ppo"])
-
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(prompts, answers_before, answers_after or [None] * len(prompts))]
-    with staged_dir(out_dir) as tmp:
+    return _write(ctx, report, samples, rlhf, t0)
+
+
+def _rlhf(ctx: StageContext, tok, eval_path: str, merged, ppo) -> dict | None:
+    """Reward before/after PPO and the policy's KL, sampled as the PPO stage sampled."""
+    if ppo is None or merged is None or not ctx.settings.reward_prompts:
+        return None
+    from shomin.tasks.models.rl import build_queries, evaluate_policy
+    queries = build_queries(eval_path, tok, ppo.policy, ctx.seed)[: ctx.settings.reward_prompts]
+    return evaluate_policy(merged.merged_path, ppo.adapter_path, ctx.model, ppo.policy, queries,
+                           device=ctx.device, seed=ctx.seed)
+
+
+def _write(ctx: StageContext, report: dict, samples: list[dict], rlhf: dict | None, t0: float) -> EvalResult:
+    with staged_dir(ctx.out_dir) as tmp:
         write_json(tmp / "eval.json", {**report, "samples": samples, "rlhf_samples": (rlhf or {}).get("samples", [])})
         write_text(tmp / "eval.md", render_markdown(report, samples, rlhf))
-    out = Path(out_dir)
+    out = Path(ctx.out_dir)
     metrics = {k: float(v) for k, v in report.items() if isinstance(v, (int, float))}
     return EvalResult(stage="evaluate", output_dir=str(out), eval_json=str(out / "eval.json"),
                       eval_md=str(out / "eval.md"), metrics=metrics,
                       artifacts={"eval_json": str(out / "eval.json"), "eval_md": str(out / "eval.md")},
                       seconds=time.time() - t0)
-
-
-def _cell(text: str | None) -> str:
-    return "—" if text is None else text.replace("|", "\\|").replace("\n", "<br>")[:300]
 
 
 def render_markdown(report: dict, samples: list[dict], rlhf: dict | None) -> str:
@@ -155,9 +153,26 @@ def render_markdown(report: dict, samples: list[dict], rlhf: dict | None) -> str
         lines.append(f"| mean reward (SFT → PPO) | {rlhf['reward_sft']:.4f} | {rlhf['reward_ppo']:.4f} |")
         lines.append(f"| KL to reference, nats | 0 | {rlhf['kl_ppo']:.4f} |")
     lines += ["", "## Answers before and after", "", "| prompt | before | after |", "|---|---|---|"]
-    lines += [f"| {_cell(s['prompt'])} | {_cell(s['before'])} | {_cell(s['after'])} |" for s in samples]
+    lines += [f"| {markdown_cell(s['prompt'])} | {markdown_cell(s['before'])} | {markdown_cell(s['after'])} |" for s in samples]
     if rlhf and rlhf.get("samples"):
         lines += ["", "## Before and after PPO", "", "| query | SFT | PPO |", "|---|---|---|"]
-        lines += [f"| {_cell(s['query'])} | {_cell(s['sft'])} ({s['reward_sft']:.2f}) | "
-                  f"{_cell(s['ppo'])} ({s['reward_ppo']:.2f}) |" for s in rlhf["samples"][:8]]
+        lines += [f"| {markdown_cell(s['query'])} | {markdown_cell(s['sft'])} ({s['reward_sft']:.2f}) | "
+                  f"{markdown_cell(s['ppo'])} ({s['reward_ppo']:.2f}) |" for s in rlhf["samples"][:8]]
     return "\n".join(lines) + "\n"
+
+
+def plan(ev: EvaluateSettings, inputs: mem.PlanInputs) -> dict:
+    """One model at a time: its weights + the larger of a no-grad forward (one layer's
+    activations and the fp32 logits) and the answers' KV cache."""
+    shape, act_b, w = inputs.shape, inputs.act_bytes, inputs.weights
+    infer = round(mem.K_ACT * act_b / 2 * ev.batch_size * ev.max_seq_length * shape["hidden_size"]) \
+        + mem.logits(ev.batch_size, ev.max_seq_length, shape, with_grad=False)
+    gen = mem.kv_cache(max(ev.num_prompts, 1), ev.max_seq_length + ev.max_new_tokens, shape, act_b)
+    inputs.notes["evaluate.weights"] = f"{inputs.spec.quantization}: model.quantization"
+    inputs.notes["evaluate.forward"] = "one layer's activations + fp32 logits, no grad"
+    return {"weights": w, "forward": infer, "generation": gen, "total": w + max(infer, gen)}
+
+
+STAGE = Stage("evaluate", EvaluateSettings, run, plan=plan, needs=("model_init", "dataset"), uses=("sft", "merge", "ppo"),
+              lower=("batch_size", "max_seq_length", "max_new_tokens"), advice="set model.quantization: 4bit",
+              help="Held-out loss and answers before/after; for RLHF pipelines reward and KL before/after PPO.")

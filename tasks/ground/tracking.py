@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Tracking
-from tasks.rundir import StageResult
+from shomin.tasks.ground.records import StageResult
+from shomin.tasks.ground.settings import Tracking
 
 MAX_PARAM = 6000        # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_KEY = 250

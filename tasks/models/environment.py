@@ -1,0 +1,62 @@
+"""What this machine is: library versions, devices and their free memory, host RAM.
+
+Read without importing anything fragile (bitsandbytes can crash on import) and never
+raising: env_check must report a broken CUDA, not die of it.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)  # reads metadata; never imports (bnb can crash on import)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _ram() -> tuple[int | None, int | None]:
+    """(total, available) bytes; /proc/meminfo shows the host, so a cgroup v2 limit caps it."""
+    try:
+        import psutil
+        vm = psutil.virtual_memory()
+        total, avail = vm.total, vm.available
+    except ImportError:
+        try:
+            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+            total, avail = (int(info[k].split()[0]) * 1024 for k in ("MemTotal", "MemAvailable"))
+        except (OSError, KeyError, ValueError):
+            return None, None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            total, avail = min(total, int(limit)), min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return total, avail
+
+
+def environment() -> dict:
+    """Versions and devices with total/free memory. Never raises: missing CUDA or
+    bitsandbytes are reported, not fatal (env_check must run everywhere)."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "none"}
+    versions.update({p: version(p) for p in ("transformers", "peft", "trl", "bitsandbytes", "accelerate")})
+    devices: list[dict] = []
+    try:
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            free, total = torch.cuda.mem_get_info(i)
+            devices.append({"type": "cuda", "index": i, "name": torch.cuda.get_device_name(i),
+                            "total_bytes": total, "free_bytes": free})
+    except Exception as e:  # broken driver: report, let the plan say "unknown"
+        devices.append({"type": "cuda", "error": f"{type(e).__name__}: {e}"})
+    total, free = _ram()
+    devices.append({"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "total_bytes": total, "free_bytes": free})
+    return {"versions": versions, "devices": devices, "platform": platform.platform(), "executable": sys.executable}

@@ -1,0 +1,149 @@
+"""The pieces the policy stages share: a causal LM with an optional value head, queries
+from the dataset, rollouts, log-probs at response positions, scoring, and the paired
+evaluation of a tuned policy against its reference (the same weights, adapter off).
+
+Sampling settings arrive as any object with the fields of `PolicyRecord`
+(tasks/ground/records.py): the PPO stage passes its settings, evaluate passes the
+record the PPO stage returned, so both sample exactly the same way.
+"""
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shomin.tasks.ground.errors import ConfigError
+from shomin.tasks.ground.records import PolicyRecord
+from shomin.tasks.ground.rundir import read_jsonl
+from shomin.tasks.ground.settings import ModelSpec
+from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, resolve_device
+from shomin.tasks.models.ppo_math import logprobs_from_logits
+from shomin.tasks.models.reward import build_reward
+
+
+class PolicyWithValue(nn.Module):
+    """LoRA policy + scalar value head as one module, so DDP syncs every trainable parameter."""
+
+    def __init__(self, lm, temperature: float = 1.0, value_head: bool = True):
+        super().__init__()
+        self.lm, self.temperature = lm, temperature
+        self.v_head = nn.Linear(lm.config.hidden_size, 1, device=lm.device, dtype=torch.float32) if value_head else None
+        if self.v_head is not None:  # V=0 at start: early advantages are the plain returns, not a random head's noise
+            nn.init.zeros_(self.v_head.weight)
+            nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        # Left padding: count positions from the first real token, exactly as generate() does.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=self.v_head is not None, use_cache=False)
+        values = self.v_head(out.hidden_states[-1].float()).squeeze(-1) if self.v_head is not None else None
+        # The policy PPO optimises is the one that samples: logits at the sampling temperature.
+        # (top_k/top_p truncation is not reflected, as in the classic TRL recipe.)
+        return out.logits.float() / self.temperature, values
+
+
+def build_queries(path: str | Path, tok, settings: PolicyRecord, seed: int) -> list[str]:
+    """Queries from a dataset JSONL. Text rows: the opening N tokens, N uniform in
+    [query_min_tokens, query_max_tokens] (seeded); instruction rows: the prompt."""
+    rng, queries = random.Random(seed), []
+    for row in read_jsonl(path):
+        if "prompt" in row:
+            queries.append(row["prompt"])
+            continue
+        ids = tok(row["text"], add_special_tokens=False).input_ids
+        n = rng.randint(settings.query_min_tokens, settings.query_max_tokens)
+        queries.append(tok.decode(ids[:n]).rstrip("\ufffd"))  # drop half a multi-byte character
+    queries = [q for q in queries if q.strip()]
+    if not queries:
+        raise ConfigError(f"ppo: no usable queries in {path}")
+    return queries
+
+
+def eos_token_ids(tok, lm, device) -> torch.Tensor:
+    ids = lm.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids]) | {tok.eos_token_id}
+    return torch.tensor(sorted(i for i in ids if i is not None), device=device)
+
+
+def response_mask(response: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after it: generate() pads finished rows (pad may equal EOS)."""
+    is_eos = torch.isin(response, eos_ids).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
+@torch.no_grad()
+def rollout(policy: PolicyWithValue, tok, queries: list[str], settings: PolicyRecord, length: int,
+            eos_ids: torch.Tensor) -> dict:
+    """Sample a response of at most `length` new tokens per query; stops early at EOS (no min length)."""
+    enc = tok(queries, return_tensors="pt", padding=True).to(eos_ids.device)  # padding_side is left
+    out = policy.lm.generate(**enc, do_sample=True, top_k=settings.top_k, top_p=settings.top_p,
+                             temperature=settings.temperature, max_new_tokens=length, min_new_tokens=0,
+                             pad_token_id=tok.pad_token_id)
+    response = out[:, enc.input_ids.shape[1]:]
+    return {"query": enc.input_ids, "query_mask": enc.attention_mask,
+            "response": response, "response_mask": response_mask(response, eos_ids)}
+
+
+def forward(model, batch: dict, idx=slice(None)):
+    """Log-probs, values and logits at the response positions (position t predicts response token t)."""
+    ids = torch.cat([batch["query"], batch["response"]], 1)[idx]
+    attn = torch.cat([batch["query_mask"], batch["response_mask"]], 1)[idx]
+    logits, values = model(ids, attn)
+    start = batch["query"].shape[1] - 1
+    logits = logits[:, start:-1]
+    values = values[:, start:-1] if values is not None else None
+    return logprobs_from_logits(logits, batch["response"][idx]), values, logits
+
+
+def score(reward_fn, tok, batch: dict) -> torch.Tensor:
+    """The reward judges what a reader sees: query + response, decoded without special tokens."""
+    texts = [tok.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
+             for q, qm, r, rm in zip(batch["query"], batch["query_mask"], batch["response"], batch["response_mask"])]
+    return torch.tensor(reward_fn(texts), dtype=torch.float32, device=batch["query"].device)
+
+
+@torch.no_grad()
+def evaluate_policy(merged_path: str, adapter_path: str, spec: ModelSpec, settings: PolicyRecord,
+                    queries: list[str], *, device: str = "cpu", seed: int = 0, max_new_tokens: int | None = None) -> dict:
+    """Reward of the SFT model vs the PPO policy on the same queries, and the policy's KL from the SFT model.
+
+    Both sides *sample* with the training settings (top_k/top_p/temperature), up to max_new_tokens
+    (default response_max_tokens), reseeded identically per batch so they share random numbers. KL is
+    sum(logp_policy - logp_sft) over the policy's own samples: an unbiased estimate of KL(policy || SFT).
+    One model in memory: the SFT side is the same model under disable_adapter().
+    """
+    from peft import PeftModel
+    device = resolve_device(device)
+    tok = load_tokenizer(merged_path, spec.trust_remote_code)
+    tok.padding_side = "left"
+    lm = PeftModel.from_pretrained(load_causal_lm(merged_path, spec, device, quantization=settings.quantization),
+                                   adapter_path)
+    policy = PolicyWithValue(lm, settings.temperature, value_head=False).eval()
+    reward_fn = build_reward(settings.reward, device)
+    eos_ids = eos_token_ids(tok, lm, lm.device)
+    length = max_new_tokens or settings.response_max_tokens
+    samples, kls = [], []
+    for i in range(0, len(queries), settings.batch_size):
+        chunk, sides = queries[i:i + settings.batch_size], {}
+        for side in ("sft", "ppo"):
+            torch.manual_seed(seed + i)
+            with lm.disable_adapter() if side == "sft" else nullcontext():
+                batch = rollout(policy, tok, chunk, settings, length, eos_ids)
+            scores = score(reward_fn, tok, batch)
+            texts = [tok.decode(r[m.bool()], skip_special_tokens=True)
+                     for r, m in zip(batch["response"], batch["response_mask"])]
+            sides[side] = (texts, scores.tolist())
+        logprobs, _, _ = forward(policy, batch)  # batch = the policy's own samples
+        with lm.disable_adapter():
+            ref_logprobs, _, _ = forward(policy, batch)
+        kls += ((logprobs - ref_logprobs) * batch["response_mask"]).sum(1).tolist()
+        (sft_texts, sft_scores), (ppo_texts, ppo_scores) = sides["sft"], sides["ppo"]
+        samples += [{"query": q, "sft": s, "ppo": p, "reward_sft": rs, "reward_ppo": rp}
+                    for q, s, p, rs, rp in zip(chunk, sft_texts, ppo_texts, sft_scores, ppo_scores)]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    return {"reward_sft": mean([s["reward_sft"] for s in samples]), "reward_ppo": mean([s["reward_ppo"] for s in samples]),
+            "kl_ppo": mean(kls), "samples": samples}

@@ -1,0 +1,307 @@
+"""Stage ppo: RLHF of the merged SFT model with PPO against a reward function.
+
+Seed 003's recipe: after SFT and the 16-bit merge, train a *second* LoRA on the
+frozen merged model. The reference model of the KL penalty is that same model
+with the adapter switched off (`disable_adapter()`), so one copy of the weights
+serves as policy and reference. A small value head on the last hidden state is
+trained alongside. Each step is the classic loop of Ziegler et al. (2019):
+
+    rollout -> score -> advantages (KL-shaped rewards, GAE) -> update (clipped PPO)
+
+The tensor maths lives in tasks/models/ppo_math.py; rollouts, log-probs and scoring,
+shared with evaluate, in tasks/models/rl.py. accelerate makes `accelerate launch`
+data-parallel with no code change; on one process it is plain torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
+
+from shomin.tasks.ground import checkpoints as store
+from shomin.tasks.ground.contract import Inputs, Stage, StageContext
+from shomin.tasks.ground.errors import TrainingDiverged
+from shomin.tasks.ground.records import PolicyRecord, PpoResult
+from shomin.tasks.ground.rundir import staged_dir, write_json
+from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
+from shomin.tasks.models import memory as mem
+from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, lora_config
+from shomin.tasks.models.ppo_math import (clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae,
+                                          kl_controller, shaped_rewards, whiten)
+from shomin.tasks.models.reward import build_reward, check_reward
+from shomin.tasks.models.rl import PolicyWithValue, build_queries, eos_token_ids, forward, rollout, score
+
+
+class PpoSettings(Strict):
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="Load the merged policy base quantized (the seed used 8bit).")
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.05))
+    steps: int = Field(20, gt=0, description="PPO steps (rollout + update each).")
+    batch_size: int = Field(16, gt=0, description="Queries per PPO step.")
+    mini_batch_size: int = Field(4, gt=0)
+    ppo_epochs: int = Field(4, gt=0)
+    learning_rate: float = Field(1.41e-5, gt=0)
+    query_min_tokens: int = Field(2, gt=0)
+    query_max_tokens: int = Field(8, gt=0)
+    response_min_tokens: int = Field(4, gt=0)
+    response_max_tokens: int = Field(16, gt=0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k filtering.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    init_kl_coef: float = Field(0.2, ge=0)
+    target_kl: float | None = Field(6.0, gt=0, description="Adaptive KL target; null = fixed coefficient.")
+    kl_horizon: int = Field(10000, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    early_stop_kl: float | None = Field(None, gt=0, description="Stop a step's PPO epochs when approx KL exceeds this.")
+    whiten_rewards: bool = Field(False)
+    save_steps: int = Field(10, gt=0, description="Checkpoint every N PPO steps.")
+    merge_adapter: bool = Field(False, description="Also save the policy merged into the base.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "PpoSettings":
+        if self.query_min_tokens > self.query_max_tokens:
+            raise ValueError("query_min_tokens must be <= query_max_tokens")
+        if self.response_min_tokens > self.response_max_tokens:
+            raise ValueError("response_min_tokens must be <= response_max_tokens")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size {self.mini_batch_size}")
+        return self
+
+
+def build_policy(settings: PpoSettings, spec: ModelSpec, merged_path: str, device: str) -> PolicyWithValue:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    lm = load_causal_lm(merged_path, spec, device, quantization=settings.quantization)
+    if settings.quantization != "none":
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    lm = get_peft_model(lm, lora_config(settings.lora))  # LoRA B starts at 0: step-0 policy == reference
+    # Dropout stays off (eval mode) throughout: PPO's ratio and the KL need rollout and update to be the same function.
+    return PolicyWithValue(lm, settings.temperature).eval()
+
+
+@torch.no_grad()
+def advantages(policy: PolicyWithValue, batch: dict, scores: torch.Tensor, settings: PpoSettings,
+               kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Old log-probs and values, reference log-probs, KL-shaped rewards, GAE. Returns (per-sequence KL, entropy)."""
+    mask = batch["response_mask"].float()
+    logprobs, values, logits = forward(policy, batch)
+    with policy.lm.disable_adapter():  # the frozen merged model: same weights in memory, LoRA off
+        ref_logprobs, _, _ = forward(policy, batch)
+    rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+    if settings.whiten_rewards:
+        rewards = whiten(rewards, mask, shift_mean=False)
+    adv, returns = gae(rewards, values, mask, settings.gamma, settings.lam)
+    if mask.sum() > 1:  # whitening needs two values; it keeps the step size independent of reward scale
+        adv = whiten(adv, mask)
+    batch.update(logprobs=logprobs, values=values, advantages=adv, returns=returns)
+    return kl.sum(1), entropy_from_logits(logits, mask)
+
+
+def update(model, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
+    """settings.ppo_epochs passes over shuffled mini-batches of the rollout; clipped policy + value loss."""
+    stats = defaultdict(list)
+    n = batch["query"].shape[0]
+    for _ in range(settings.ppo_epochs):
+        for idx in torch.randperm(n).split(settings.mini_batch_size):
+            mask = batch["response_mask"][idx].float()
+            logprobs, values, _ = forward(model, batch, idx)
+            pg_loss, clip_frac, approx_kl = clipped_policy_loss(
+                logprobs, batch["logprobs"][idx], batch["advantages"][idx], mask, settings.clip_range)
+            vf_loss, _ = clipped_value_loss(values, batch["values"][idx], batch["returns"][idx], mask,
+                                            settings.clip_range_value)
+            loss = pg_loss + settings.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"ppo: loss became {loss.item()} at step {step}; "
+                                       "lower learning_rate or check the reward")
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_frac)):
+                stats[k].append(v.item())
+            approx_kl = accelerator.reduce(approx_kl.detach(), "mean").item()  # all ranks stop together
+            stats["approx_kl"].append(approx_kl)
+            if settings.early_stop_kl is not None and approx_kl > settings.early_stop_kl:
+                return means(stats)  # the policy left the trust region: stop this step's epochs
+    return means(stats)
+
+
+def means(stats: dict) -> dict:
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------- checkpoints (tasks/ground/checkpoints.py)
+
+
+def _complete(path: Path) -> bool:
+    return (path / "trainer.json").exists()   # written last
+
+
+def save_checkpoint(root: Path, step: int, policy: PolicyWithValue, optimizer, kl_coef: float, log: list) -> None:
+    """Everything a resumed run needs, saved atomically; the store keeps the last two."""
+    def write(tmp: Path) -> None:
+        save_policy(policy, tmp)
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "state.pt")
+        write_json(tmp / "trainer.json", {"step": step, "kl_coef": kl_coef, "log": log})
+    store.save(root, "step", step, write, _complete)
+
+
+def save_policy(policy: PolicyWithValue, folder: Path) -> None:
+    policy.lm.save_pretrained(folder / "adapter", safe_serialization=True)
+    save_file(policy.v_head.state_dict(), folder / "value_head.safetensors")
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return [path for _, path in store.complete(root, "step", _complete)]
+
+
+def load_checkpoint(path: Path, policy: PolicyWithValue, optimizer, kl_ctl) -> tuple[int, list]:
+    from peft import set_peft_model_state_dict
+    set_peft_model_state_dict(policy.lm, load_file(path / "adapter" / "adapter_model.safetensors"))
+    policy.v_head.load_state_dict(load_file(path / "value_head.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    meta = json.loads((path / "trainer.json").read_text())
+    kl_ctl.value = meta["kl_coef"]
+    return meta["step"], meta["log"]
+
+
+def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
+    """rollout -> score -> advantages -> update, `steps` times; resumes from ctx's checkpoints."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+    t0, settings, spec, seed, device = time.time(), ctx.settings, ctx.model, ctx.seed, ctx.device
+    merged_path = inputs["merge"].merged_path
+    # device_placement=False: the model is already where load_causal_lm put it (bnb models must not move).
+    accelerator = Accelerator(cpu=device == "cpu", device_placement=False)
+    rank = accelerator.process_index
+    set_seed(seed + rank)  # each process samples differently; rank 0 == a plain single-process run
+    ckpt_root = ctx.checkpoints()
+
+    tok = load_tokenizer(merged_path, spec.trust_remote_code)
+    tok.padding_side = "left"  # prompts end where generation starts
+    policy = build_policy(settings, spec, merged_path, device)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+    kl_ctl = kl_controller(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
+    resumed = (checkpoints(ckpt_root) or [None])[-1]
+    start, log = load_checkpoint(resumed, policy, optimizer, kl_ctl) if resumed else (0, [])
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    reward_fn = build_reward(settings.reward, device)
+    queries = build_queries(inputs["dataset"].train_path, tok, settings, seed)
+    eos_ids = eos_token_ids(tok, policy.lm, policy.v_head.weight.device)
+
+    bar = tqdm(range(start + 1, settings.steps + 1), initial=start, total=settings.steps, desc="ppo",
+               disable=not accelerator.is_local_main_process or os.environ.get("TQDM_DISABLE") == "1")
+    for step in bar:
+        t_step = time.time()
+        rng = random.Random(f"{seed}-{rank}-{step}")  # batch and length depend on the step only: resumable
+        batch_queries = [queries[i] for i in rng.sample(range(len(queries)), min(settings.batch_size, len(queries)))]
+        length = rng.randint(settings.response_min_tokens, settings.response_max_tokens)
+        batch = rollout(policy, tok, batch_queries, settings, length, eos_ids)
+        t_rollout = time.time()
+        scores = score(reward_fn, tok, batch)
+        kl, entropy = advantages(policy, batch, scores, settings, kl_ctl.value)
+        t_update = time.time()
+        stats = update(model, optimizer, accelerator, params, batch, settings, step)
+        all_scores, all_kl = accelerator.gather(scores), accelerator.gather(kl)
+        entry = {"step": step, "reward_mean": all_scores.mean().item(),
+                 "reward_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
+                 "kl": all_kl.mean().item(), "kl_coef": kl_ctl.value, "entropy": entropy.item(), **stats,
+                 "response_length": batch["response_mask"].sum(1).float().mean().item(),
+                 "step_seconds": time.time() - t_step, "rollout_seconds": t_rollout - t_step,
+                 "update_seconds": time.time() - t_update}
+        kl_ctl.update(entry["kl"], settings.batch_size * accelerator.num_processes)
+        log.append(entry)
+        bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{entry['kl']:.3f}")
+        if accelerator.is_main_process and (step % settings.save_steps == 0 or step == settings.steps):
+            save_checkpoint(ckpt_root, step, policy, optimizer, kl_ctl.value, log)
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_outputs(ctx, policy, tok, log, merged_path)
+    accelerator.wait_for_everyone()
+    return _result(ctx, log, kl_ctl.value, t0, start if resumed is not None else None)
+
+
+def _write_outputs(ctx: StageContext, policy: PolicyWithValue, tok, log: list, merged_path: str) -> None:
+    with staged_dir(ctx.out_dir) as tmp:
+        save_policy(policy, tmp)
+        tok.save_pretrained(tmp / "adapter")
+        write_json(tmp / "ppo_log.json", log)
+        if ctx.settings.merge_adapter:
+            save_merged(merged_path, tmp / "adapter", ctx.model, tmp / "merged")
+
+
+def _result(ctx: StageContext, log: list, kl_coef: float, t0: float, resumed_from: int | None) -> PpoResult:
+    out, settings = Path(ctx.out_dir), ctx.settings
+    merged_path = str(out / "merged") if settings.merge_adapter else None
+    last = log[-3:] or [{"reward_mean": 0.0, "kl": 0.0}]
+    metrics = {"reward_final": sum(e["reward_mean"] for e in last) / len(last), "kl": last[-1]["kl"],
+               "reward_first": log[0]["reward_mean"] if log else 0.0, "kl_coef": kl_coef, "steps": float(len(log))}
+    artifacts = {"adapter": str(out / "adapter"), "value_head": str(out / "value_head.safetensors"),
+                 "ppo_log": str(out / "ppo_log.json"), **({"merged": merged_path} if merged_path else {})}
+    policy = PolicyRecord.model_validate(settings.model_dump(include=set(PolicyRecord.model_fields)))
+    return PpoResult(stage="ppo", output_dir=str(out), adapter_path=str(out / "adapter"),
+                     value_head_path=str(out / "value_head.safetensors"), merged_path=merged_path,
+                     steps=len(log), metrics=metrics, artifacts=artifacts, seconds=time.time() - t0,
+                     resumed_from_step=resumed_from, policy=policy)
+
+
+def save_merged(merged_path: str, adapter_dir: Path, spec: ModelSpec, dest: Path) -> None:
+    """Fold the PPO adapter into an unquantized reload (bitsandbytes layers cannot merge exactly)."""
+    from peft import PeftModel
+    from transformers import AutoConfig
+    dtype = AutoConfig.from_pretrained(merged_path).dtype or torch.float32
+    base = load_causal_lm(merged_path, spec, "cpu", quantization="none", dtype=dtype)
+    PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().save_pretrained(dest, safe_serialization=True)
+    load_tokenizer(merged_path, spec.trust_remote_code).save_pretrained(dest)
+
+
+
+
+def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
+    """Weights at ppo.quantization + LoRA states + value head + the larger of the two phases:
+    rollouts (KV cache) and updates (one mini-batch's activations and logits) alternate, and
+    the reference policy is the same weights with the adapter disabled."""
+    shape, notes = inputs.shape, inputs.notes
+    w, _, pb = mem.weights(shape, ppo.quantization, inputs.spec, inputs.device)
+    n_lora, s = mem.lora_params(shape, ppo.lora), ppo.query_max_tokens + ppo.response_max_tokens
+    gen = mem.kv_cache(ppo.batch_size, s, shape, pb)
+    act = mem.activations(ppo.mini_batch_size, s, shape, pb, False)  # PPO runs in eval mode: no LoRA dropout copies
+    logits = mem.logits(ppo.mini_batch_size, s, shape, dtype_bytes=pb)
+    head = 16 * (shape["hidden_size"] + 1)
+    notes["ppo.weights"] = f"{ppo.quantization}: stages.ppo.quantization"
+    notes["ppo.lora"] = f"{n_lora:,} params x (4 B weight + 4 B grad)"
+    notes["ppo.generation"] = f"batch={ppo.batch_size} s={s}"
+    notes["ppo.total"] = "weights + lora + optimizer + value_head + max(generation, activations + logits)"
+    return {"weights": w, "lora": 8 * n_lora, "optimizer": 8 * n_lora, "value_head": head, "generation": gen,
+            "activations": act, "logits": logits, "total": w + 16 * n_lora + head + max(gen, act + logits)}
+
+
+def check(pipeline, settings: PpoSettings, before_run: bool) -> None:
+    check_reward(settings.reward, before_run, "stages.ppo.reward")
+
+
+STAGE = Stage("ppo", PpoSettings, run, plan=plan, check=check, needs=("merge", "dataset"), checkpoints=True,
+              lower=("mini_batch_size", "batch_size", "response_max_tokens"),
+              advice="set stages.ppo.quantization: 4bit",
+              help="RLHF: a second LoRA on the merged model, trained with PPO against a reward; "
+                   "the reference is the same weights with the adapter off.")
