@@ -13,10 +13,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peft import get_peft_model  # noqa: E402
 
-from tasks import fast_lora  # noqa: E402
-from tasks.config import LoraSettings, ModelSpec  # noqa: E402
-from tasks.model import load_causal_lm, resolve_source  # noqa: E402
-from tasks.sft import lora_config  # noqa: E402
+from shomin.tasks.models.levers import fast_lora  # noqa: E402
+from shomin.tasks.ground.settings import LoraSettings, ModelSpec  # noqa: E402
+from shomin.tasks.models.loading import load_causal_lm  # noqa: E402
+from shomin.tasks.stages.model_init import resolve_source  # noqa: E402
+from shomin.tasks.models.loading import lora_config  # noqa: E402
 
 path = resolve_source(ModelSpec(source="embedded:smollm2-135m-instruct"))
 spec = ModelSpec(source=str(path), quantization="none", dtype="float32")

@@ -18,11 +18,12 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
-from tasks import ppo  # noqa: E402
-from tasks.config import LoraSettings, ModelSpec, PpoSettings  # noqa: E402
-from tasks.data import DataResult  # noqa: E402
-from tasks.merge import MergeResult  # noqa: E402
-from tasks.reward import RewardSettings  # noqa: E402
+from shomin.tasks.stages import ppo  # noqa: E402
+from shomin.tasks.ground.settings import LoraSettings, ModelSpec  # noqa: E402
+from shomin.tasks.stages.ppo import PpoSettings  # noqa: E402
+from shomin.tasks.ground.records import DataResult  # noqa: E402
+from shomin.tasks.ground.records import MergeResult  # noqa: E402
+from shomin.tasks.ground.settings import RewardSettings  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 ARCH, QUANT = sys.argv[1], sys.argv[2]

@@ -31,10 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tasks.config import LoraSettings, ModelSpec, SftSettings  # noqa: E402
-from tasks.data import DataResult  # noqa: E402
-from tasks.model import ModelResult  # noqa: E402
-from tasks.sft import build_trainer  # noqa: E402
+from shomin.tasks.ground.settings import LoraSettings, ModelSpec  # noqa: E402
+from shomin.tasks.stages.sft import SftSettings  # noqa: E402
+from shomin.tasks.ground.records import DataResult  # noqa: E402
+from shomin.tasks.ground.records import ModelResult  # noqa: E402
+from shomin.tasks.stages.sft import build_trainer  # noqa: E402
 
 ARCH, SEQ, BATCH, STEPS, VARIANT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))

@@ -12,8 +12,9 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from transformers import AutoConfig  # noqa: E402
 
-from tasks.config import Pipeline  # noqa: E402
-from tasks.env_check import plan_memory, shape_from_config  # noqa: E402
+from shomin.tasks.ground.settings import Pipeline  # noqa: E402
+from shomin.tasks.registry import plan_memory  # noqa: E402
+from shomin.tasks.models.memory import shape_from_config  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 GIB = 2 ** 30

@@ -47,7 +47,7 @@ class StageRunner:
     def __call__(self, stage: Stage, results: dict[str, StageResult]) -> StageResult:
         inputs = stage.inputs_of(results)
         if stage.name == "env_check":   # the plan env_check checks, and every later stage's OOM advice reads
-            self.plan = registry.plan_for(self.p)
+            self.plan = registry.plan_context(self.p)
         ctx = registry.context(stage, self.p, self.device, self.run.stage_dir(stage.name), plan=self.plan)
         if stage.checkpoints:  # keyed by inputs, outside the run folder: a rerun resumes
             key = registry.stage_key(stage, ctx, inputs)

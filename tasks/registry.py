@@ -168,6 +168,12 @@ def plan_for(p: PipelineBase, headroom: float | None = None) -> dict:
     return {"plan": plan, "environment": env, "shape": shape, "quantizations": quantizations(p)}
 
 
+def plan_context(p: PipelineBase) -> dict:
+    """plan_for, serialisable: what the flow hands env_check and, for OOM advice, every later stage."""
+    found = plan_for(p)
+    return {**found, "plan": found["plan"].model_dump()}
+
+
 # ---------------------------------------------------------------- running one stage
 
 

@@ -183,7 +183,7 @@ CASES = {
 def shomin(args, cwd, timeout=90):
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "shomin.flows.cli", *args], cwd=cwd, env=env, capture_output=True,
                        text=True, timeout=timeout)
     return r, time.time() - t0
 

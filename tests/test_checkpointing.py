@@ -1,11 +1,14 @@
-"""The SFT stage's own checkpointing (tasks/checkpointing.py): the same gradients as
+"""The SFT stage's own checkpointing (tasks/models/levers/checkpointing.py): the same gradients as
 keeping every activation, with layer inputs stored off the device and fetched back, and
 with the fused LoRA layers skipping the recompute of outputs that only feed a residual."""
 import pytest
+
+from tests.helpers import run_stage, stage_context  # noqa: F401
 import torch
 
-from tasks import checkpointing, fast_lora
-from tasks.config import LoraSettings, ModelSpec
+from shomin.tasks.models.levers import checkpointing
+from shomin.tasks.models.levers import fast_lora
+from shomin.tasks.ground.settings import LoraSettings, ModelSpec
 
 
 def tiny_neox(folder, parallel: bool):
@@ -21,8 +24,8 @@ def tiny_neox(folder, parallel: bool):
 def _grads(model_dir, mode: str, dropout: float, fused: bool = False):
     from peft import get_peft_model
 
-    from tasks.model import load_causal_lm
-    from tasks.sft import lora_config
+    from shomin.tasks.models.loading import load_causal_lm
+    from shomin.tasks.models.loading import lora_config
     spec = ModelSpec(source=str(model_dir), quantization="none", dtype="float32")
     torch.manual_seed(0)
     model = get_peft_model(load_causal_lm(model_dir, spec, "cpu"),
@@ -90,12 +93,15 @@ def test_sft_stage_with_its_levers_trains_like_the_stock_recipe(tiny_model, tmp_
     the stage's own checkpointing, frozen weights at the compute dtype) against the stock
     recipe (PEFT layers, transformers' checkpointing, PEFT's k-bit preparation), dropout 0 so
     both draw nothing: the same losses step by step."""
-    from tasks import data, sft
-    from tasks.config import DatasetSpec, DatasetStageSettings, SftSettings
-    from tasks.model import ModelResult
+    from shomin.tasks.stages import dataset as data
+    from shomin.tasks.stages import sft
+    from shomin.tasks.ground.settings import DatasetSpec
+    from shomin.tasks.stages.dataset import DatasetStageSettings
+    from shomin.tasks.stages.sft import SftSettings
+    from shomin.tasks.ground.records import ModelResult
     from tests.conftest import ROOT
-    d = data.run(DatasetStageSettings(), DatasetSpec(source=str(ROOT / "data" / "dolly-ja-sample.jsonl"),
-                                                     max_rows=16, eval_fraction=0.25), 0, tmp_path / "dataset")
+    d = run_stage("dataset", DatasetStageSettings(), tmp_path / "dataset", model=ModelSpec(source="-"), dataset=DatasetSpec(source=str(ROOT / "data" / "dolly-ja-sample.jsonl"),
+                                                     max_rows=16, eval_fraction=0.25), seed=0)
     res = ModelResult(stage="model_init", output_dir="-", model_path=str(tiny_model), tokenizer_path=str(tiny_model),
                       num_parameters=0, architecture="llama")
     spec = ModelSpec(source=str(tiny_model), quantization=quantization, dtype="float32", compute_dtype="float32")
@@ -105,7 +111,7 @@ def test_sft_stage_with_its_levers_trains_like_the_stock_recipe(tiny_model, tmp_
         settings = SftSettings(lora=LoraSettings(r=4, alpha=8, dropout=0.0), max_steps=3, batch_size=4,
                                micro_batch_size=2, max_seq_length=64, learning_rate=1e-3, logging_steps=1,
                                gradient_checkpointing=True, **levers)
-        trainer = sft.build_trainer(settings, spec, res, d, "cpu", tmp_path / f"ckpt-{name}", seed=0)
+        trainer, _ = sft.build_trainer(settings, spec, res, d, "cpu", tmp_path / f"ckpt-{name}", seed=0)
         trainer.train()
         losses[name] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         funcs[name] = {type(m._gradient_checkpointing_func).__name__

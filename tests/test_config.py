@@ -5,7 +5,9 @@ import textwrap
 
 import pytest
 
-from tasks.config import ConfigError, SftSettings, load_config, load_pipeline
+from shomin.tasks.ground.errors import ConfigError
+from shomin.tasks.stages.sft import SftSettings
+from shomin.tasks.registry import load_config, load_pipeline
 from tests.conftest import ROOT
 
 MINIMAL = """
@@ -28,19 +30,19 @@ def write(tmp_path, text, name="pipelines.yaml"):
 
 def test_shipped_pipelines_parse_with_their_seed_settings():
     config = load_config(ROOT / "pipelines.yaml")
-    assert set(config.pipelines) >= {"dolly-ja-lora", "bloom-qlora", "imdb-rlhf", "dolly-ja-local", "imdb-rlhf-local"}
-    dolly = config.pipelines["dolly-ja-lora"]
+    assert set(config) >= {"dolly-ja-lora", "bloom-qlora", "imdb-rlhf", "dolly-ja-local", "imdb-rlhf-local"}
+    dolly = config["dolly-ja-lora"]
     assert (dolly.stages.sft.lora.r, dolly.stages.sft.lora.alpha, dolly.stages.sft.learning_rate) == (8, 16, 3e-4)
     assert (dolly.stages.sft.epochs, dolly.stages.sft.batch_size) == (3, 32)
-    bloom = config.pipelines["bloom-qlora"]
+    bloom = config["bloom-qlora"]
     assert (bloom.model.quantization, bloom.model.bnb_4bit_quant_type, bloom.model.compute_dtype) == ("4bit", "nf4", "bfloat16")
     assert bloom.stages.sft.lora.target_modules == ["query_key_value"] and bloom.stages.sft.lora.dropout == 0.05
-    rlhf = config.pipelines["imdb-rlhf"]
+    rlhf = config["imdb-rlhf"]
     assert rlhf.stages.names() == ["env_check", "model_init", "dataset", "sft", "merge", "ppo", "evaluate"]
     assert rlhf.model.quantization == "8bit" and rlhf.stages.merge.dtype == "float16"
     assert rlhf.stages.ppo.reward.model == "lvwerra/distilbert-imdb"
-    assert config.pipelines["imdb-rlhf-local"].stages.ppo.reward.kind == "vader"
-    assert all(not p.model.trust_remote_code for p in config.pipelines.values())
+    assert config["imdb-rlhf-local"].stages.ppo.reward.kind == "vader"
+    assert all(not p.model.trust_remote_code for p in config.values())
 
 
 @pytest.mark.parametrize("patch, expected", [
@@ -110,7 +112,7 @@ def test_settings_defaults_are_documented():
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "shomin.flows.cli", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
 
 

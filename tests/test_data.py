@@ -3,8 +3,13 @@ import json
 
 import pytest
 
-from tasks import data
-from tasks.config import DatasetSpec, DatasetStageSettings
+from shomin.tasks.ground.rundir import read_jsonl
+from shomin.tasks.ground.settings import ModelSpec
+from tests.helpers import run_stage, stage_context  # noqa: F401
+
+from shomin.tasks.stages import dataset as data
+from shomin.tasks.ground.settings import DatasetSpec
+from shomin.tasks.stages.dataset import DatasetStageSettings
 from tests.conftest import ROOT
 
 
@@ -75,11 +80,11 @@ def test_text_format_and_extra_columns_allowed(tmp_path):
 
 def test_stage_writes_folder_atomically(tmp_path):
     spec = DatasetSpec(source=str(ROOT / "data" / "dolly-ja-sample.jsonl"))
-    res = data.run(DatasetStageSettings(), spec, 42, tmp_path / "dataset")
+    res = run_stage("dataset", DatasetStageSettings(), tmp_path / "dataset", model=ModelSpec(source="-"), dataset=spec)
     assert res.n_train + res.n_eval == 80
-    assert len(data.read_jsonl(res.train_path)) == res.n_train
+    assert len(read_jsonl(res.train_path)) == res.n_train
     bad = DatasetSpec(source=str(jsonl(tmp_path, [{"instruction": "a", "input": "", "output": ""}])))
     with pytest.raises(data.DataError):
-        data.run(DatasetStageSettings(), bad, 42, tmp_path / "dataset2")
+        run_stage("dataset", DatasetStageSettings(), tmp_path / "dataset2", model=ModelSpec(source="-"), dataset=bad)
     assert not (tmp_path / "dataset2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dataset2")]

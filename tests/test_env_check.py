@@ -7,11 +7,32 @@ import json
 import pytest
 import torch
 
-from tasks import env_check
-from tasks.config import (ConfigError, DatasetSpec, DatasetStageSettings, EnvCheckSettings, EvaluateSettings,
-                          LoraSettings, MergeSettings, ModelInitSettings, ModelSpec, Pipeline, PpoSettings,
-                          SftSettings, Stages)
-from tasks.env_check import GIB, MemoryPlanError, lora_params, model_shape, plan_memory, shape_from_config
+from shomin.tasks.ground.errors import ConfigError
+from shomin.tasks.ground.settings import DatasetSpec, LoraSettings, ModelSpec
+from shomin.tasks.stages.dataset import DatasetStageSettings
+from shomin.tasks.stages.env_check import EnvCheckSettings
+from shomin.tasks.stages.evaluate import EvaluateSettings
+from shomin.tasks.stages.merge import MergeSettings
+from shomin.tasks.stages.model_init import ModelInitSettings
+from shomin.tasks.stages.ppo import PpoSettings
+from shomin.tasks.stages.sft import SftSettings
+from shomin.tasks.models.memory import GIB, lora_params, model_shape, shape_from_config
+from shomin.tasks.ground.errors import MemoryPlanError
+from shomin.tasks import registry
+from shomin.tasks.models import environment as machine
+from shomin.tasks.models.memory import MemoryPlan, failure
+from shomin.tasks.registry import plan_memory
+from tests.helpers import run_stage
+
+Pipeline = registry.models()[0]
+Stages = Pipeline.model_fields["stages"].annotation
+
+
+def run_env_check(p, out):
+    """The stage as the flow runs it: the plan of this machine handed in; returns (result, plan)."""
+    res = run_stage("env_check", p.stages.env_check, out, model=p.model, plan=registry.plan_context(p),
+                    pipeline_device=p.device)
+    return res, MemoryPlan.model_validate(res.plan)
 
 
 def pipeline(source: str, *, device: str = "cpu", sft: SftSettings | None = None, merge: bool = False,
@@ -138,13 +159,13 @@ def test_merge_ppo_evaluate_stages(tiny_shape, tiny_config):
     assert plan.generation_bytes == 2 * c.num_hidden_layers * 8 * (8 + 16) * kv * 2
     assert plan.fits is False  # merge in 1 byte of RAM
     with pytest.raises(MemoryPlanError, match="CPU RAM"):
-        raise MemoryPlanError(env_check._failure(plan))
+        raise MemoryPlanError(failure(plan))
 
 
 @pytest.fixture
 def fake_free(monkeypatch):
     """Keep the real environment(); replace only the free-memory number."""
-    real = env_check.environment
+    real = machine.environment
 
     def set_free(n: int):
         def fake():
@@ -152,27 +173,27 @@ def fake_free(monkeypatch):
             for d in env["devices"]:
                 d["free_bytes"] = n
             return env
-        monkeypatch.setattr(env_check, "environment", fake)
+        monkeypatch.setattr(machine, "environment", fake)
     return set_free
 
 
 def test_run_writes_env_and_plan(tiny_model, tmp_path):
     p = pipeline(str(tiny_model), merge=True, evaluate=True)
-    res = env_check.run(p.stages.env_check, p, tmp_path / "env_check")
+    res, plan = run_env_check(p, tmp_path / "env_check")
     env = json.loads((tmp_path / "env_check" / "env.json").read_text())
-    assert env["plan"]["peak_bytes"] == res.plan.peak_bytes > 0 and env["plan"]["fits"] is True
+    assert env["plan"]["peak_bytes"] == plan.peak_bytes > 0 and env["plan"]["fits"] is True
     assert env["versions"]["torch"] == torch.__version__ and "bitsandbytes" in env["versions"]
     text = (tmp_path / "env_check" / "plan.txt").read_text()
     for term in ("weights", "lora", "optimizer", "activations", "logits", "merge", "evaluate", "peak: "):
         assert term in text
-    assert res.plan.table() == text
+    assert plan.table() == text
 
 
 def test_enforced_plan_fails_early_with_one_line(tiny_model, tmp_path, fake_free):
     fake_free(1024 ** 2)
     p = pipeline(str(tiny_model), sft=SftSettings(micro_batch_size=4, batch_size=8, max_seq_length=256))
     with pytest.raises(MemoryPlanError) as err:
-        env_check.run(p.stages.env_check, p, tmp_path / "env_check")
+        run_env_check(p, tmp_path / "env_check")
     msg = str(err.value)
     assert isinstance(err.value, ConfigError) and "\n" not in msg
     for word in ("micro_batch_size", "max_seq_length", "quantization", "GiB", "sft"):
@@ -183,14 +204,14 @@ def test_enforced_plan_fails_early_with_one_line(tiny_model, tmp_path, fake_free
 def test_unenforced_plan_records_does_not_fit(tiny_model, tmp_path, fake_free):
     fake_free(1024 ** 2)
     p = pipeline(str(tiny_model), enforce=False)
-    res = env_check.run(p.stages.env_check, p, tmp_path / "env_check")
-    assert res.plan.fits is False and res.plan.device_free_bytes == 1024 ** 2
+    res, plan = run_env_check(p, tmp_path / "env_check")
+    assert plan.fits is False and plan.device_free_bytes == 1024 ** 2
     assert json.loads((tmp_path / "env_check" / "env.json").read_text())["plan"]["fits"] is False
     assert "DOES NOT FIT" in (tmp_path / "env_check" / "plan.txt").read_text()
 
 
 def test_plan_for_previews_a_cuda_pipeline_anywhere(tiny_model):
-    plan = env_check.plan_for(pipeline(str(tiny_model), device="cuda", quantization="4bit"))
+    plan = registry.plan_for(pipeline(str(tiny_model), device="cuda", quantization="4bit"))["plan"]
     assert plan.device == "cuda" and plan.peak_stage == "sft" and "sft (cuda)" in plan.table()
     if not torch.cuda.is_available():
         assert plan.fits is None and "fit unknown" in plan.table()
@@ -199,7 +220,7 @@ def test_plan_for_previews_a_cuda_pipeline_anywhere(tiny_model):
 def test_8bit_on_cpu_fails_before_loading(tiny_model, tmp_path):
     p = pipeline(str(tiny_model), quantization="8bit")
     with pytest.raises(ConfigError, match="8bit needs a CUDA GPU"):
-        env_check.run(p.stages.env_check, p, tmp_path / "env_check")
+        run_env_check(p, tmp_path / "env_check")
 
 
 def test_gpt_neox_20b_8bit():
@@ -215,11 +236,11 @@ def test_gpt_neox_20b_8bit():
 
 
 def test_environment_never_crashes():
-    env = env_check.environment()
+    env = machine.environment()
     assert set(env["versions"]) >= {"python", "torch", "cuda", "bitsandbytes", "transformers", "peft", "trl"}
     cpu = [d for d in env["devices"] if d["type"] == "cpu"][0]
     assert cpu["free_bytes"] is None or 0 < cpu["free_bytes"] <= cpu["total_bytes"]
-    assert env_check._version("surely-not-a-package-shomin") == "not installed"
+    assert machine.version("surely-not-a-package-shomin") == "not installed"
 
 
 def test_hub_id_offline_is_a_config_error():  # conftest sets HF_HUB_OFFLINE=1; online, the repo does not exist

@@ -22,7 +22,7 @@ def test_local_run_has_plots_tables_tags_and_model_version(tmp_path, tiny_model)
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(tiny_chain(tiny_model, sft=SFT, evaluate=EVALUATE, extra="tracking: {register: true}"))
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "tiny"], cwd=tmp_path, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "shomin.flows.cli", "run", "tiny"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=200, env=env | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     (path,) = (tmp_path / "runs" / "tiny").glob("*/summary.json")
@@ -71,7 +71,7 @@ def test_local_run_has_plots_tables_tags_and_model_version(tmp_path, tiny_model)
 
 
 def test_ppo_plot_eval_rows_and_sparkline(tmp_path):
-    from flows.artifacts import PPO_CURVES, artifact_key, eval_rows, plot_curves, sparkline
+    from shomin.flows.artifacts import PPO_CURVES, artifact_key, eval_rows, plot_curves, sparkline
     log = [{"step": i, "reward_mean": 0.1 * i, "reward_std": 0.05, "kl": 0.01 * i * i, "kl_coef": 0.2,
             "entropy": 3.0 - 0.1 * i} for i in range(1, 11)]
     png = plot_curves(log, PPO_CURVES, "demo ppo", tmp_path / "ppo.png")

@@ -18,7 +18,7 @@ EVALUATE = "max_rows: 8, num_prompts: 2, max_new_tokens: 6, max_seq_length: 64"
 def shomin(*args, cwd):
     # no MLFLOW_TRACKING_URI: the default, sqlite:///mlflow.db in the working folder, is what users get
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "shomin.flows.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 

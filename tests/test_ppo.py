@@ -6,15 +6,21 @@ import math
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_stage, stage_context  # noqa: F401
 import torch
 
-from tasks import ppo
-from tasks.config import LoraSettings, ModelSpec, PpoSettings
-from tasks.data import DataResult
-from tasks.merge import MergeResult
-from tasks.model import load_causal_lm
-from tasks.reward import RewardSettings
-from tasks.sft import TrainingDiverged, lora_config
+from shomin.tasks import registry
+from shomin.tasks.models import rl
+from shomin.tasks.stages import ppo
+from shomin.tasks.ground.settings import LoraSettings, ModelSpec
+from shomin.tasks.stages.ppo import PpoSettings
+from shomin.tasks.ground.records import DataResult
+from shomin.tasks.ground.records import MergeResult
+from shomin.tasks.models.loading import load_causal_lm
+from shomin.tasks.ground.settings import RewardSettings
+from shomin.tasks.ground.errors import TrainingDiverged
+from shomin.tasks.models.loading import lora_config
 
 TESTS = Path(__file__).resolve().parent
 QUERIES = ["The movie was", "I watched it", "A quiet film", "The story"]
@@ -43,7 +49,7 @@ def settings(**kw) -> PpoSettings:
 
 def test_response_mask_stops_after_first_eos():
     response = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 0, 0, 0]])
-    mask = ppo.response_mask(response, torch.tensor([2]))
+    mask = rl.response_mask(response, torch.tensor([2]))
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
@@ -53,14 +59,14 @@ def test_reference_is_the_merged_model_and_kl_starts_at_zero(tiny_model):
     tok.padding_side = "left"
     torch.manual_seed(0)
     policy = ppo.build_policy(s, spec, str(tiny_model), "cpu")
-    batch = ppo.rollout(policy, tok, QUERIES, s, 6, ppo.eos_token_ids(tok, policy.lm, "cpu"))
+    batch = rl.rollout(policy, tok, QUERIES, s, 6, rl.eos_token_ids(tok, policy.lm, "cpu"))
     assert batch["query_mask"][:, 0].tolist() != [1] * len(QUERIES)  # really left padded
 
     with torch.no_grad(), policy.lm.disable_adapter():
-        ref_logprobs, _, _ = ppo.forward(policy, batch)
-    plain = ppo.PolicyWithValue(load_causal_lm(tiny_model, spec, "cpu"), value_head=False).eval()
+        ref_logprobs, _, _ = rl.forward(policy, batch)
+    plain = rl.PolicyWithValue(load_causal_lm(tiny_model, spec, "cpu"), value_head=False).eval()
     with torch.no_grad():
-        plain_logprobs, _, _ = ppo.forward(plain, batch)
+        plain_logprobs, _, _ = rl.forward(plain, batch)
     torch.testing.assert_close(ref_logprobs, plain_logprobs, rtol=0, atol=1e-6)
 
     kl, entropy = ppo.advantages(policy, batch, torch.zeros(len(QUERIES)), s, kl_coef=0.2)
@@ -90,7 +96,7 @@ def test_ppo_raises_an_easy_reward(tiny_model, tmp_path):
     s = settings(reward=RewardSettings(kind="function", function="ppo_rewards:response_letters"), steps=20,
                  batch_size=8, mini_batch_size=4, ppo_epochs=4, learning_rate=1e-3,
                  response_min_tokens=2, response_max_tokens=2, save_steps=100)
-    result = ppo.run(s, ModelSpec(source=str(model)), merge, data, tmp_path / "ppo", device="cpu", seed=1)
+    result = run_stage("ppo", s, tmp_path / "ppo", model=ModelSpec(source=str(model)), inputs={"merge": merge, "dataset": data}, device="cpu", seed=1)
 
     log = json.loads((tmp_path / "ppo" / "ppo_log.json").read_text())
     assert [e["step"] for e in log] == list(range(1, 21)) and result.steps == 20
@@ -111,13 +117,17 @@ def test_outputs_load_and_training_resumes_exactly(tiny_model, tmp_path):
                                   "A warm, funny and moving story.", "I will not watch it again."]]
     merge, data = inputs(tmp_path, tiny_model, rows)
     spec, ckpt = ModelSpec(source=str(tiny_model)), tmp_path / "ckpt"
-    first = ppo.run(settings(steps=2, save_steps=1), spec, merge, data, tmp_path / "a", device="cpu",
-                    checkpoint_dir=ckpt)
+    stage_inputs = {"merge": merge, "dataset": data}
+    # the core alone leaves its checkpoints, as a run killed after step 2 would (the registry's
+    # checkpoint store removes them only after a successful stage)
+    first = ppo.run(stage_context("ppo", settings(steps=2, save_steps=1), tmp_path / "a", model=spec,
+                                  checkpoint_dir=ckpt), stage_inputs)
     assert first.resumed_from_step is None and first.steps == 2
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-1", "step-2"]
-    resumed = ppo.run(settings(steps=4, save_steps=1), spec, merge, data, tmp_path / "b", device="cpu",
-                      checkpoint_dir=ckpt)
-    straight = ppo.run(settings(steps=4, save_steps=1), spec, merge, data, tmp_path / "c", device="cpu")
+    resumed = ppo.run(stage_context("ppo", settings(steps=4, save_steps=1), tmp_path / "b", model=spec,
+                                    checkpoint_dir=ckpt), stage_inputs)
+    straight = run_stage("ppo", settings(steps=4, save_steps=1), tmp_path / "c", model=spec, inputs=stage_inputs)
+    assert not (tmp_path / ".c.checkpoints").exists()   # the store removes them once the stage succeeded
     assert resumed.resumed_from_step == 2 and resumed.steps == 4
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-3", "step-4"]  # keeps the last two
     log_b = json.loads((tmp_path / "b" / "ppo_log.json").read_text())
@@ -141,8 +151,8 @@ def model_inputs(tokenizer_path):
 def test_merge_adapter_writes_a_plain_checkpoint(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
     merge, data = inputs(tmp_path, tiny_model, [{"prompt": "The movie was", "completion": "good"}] * 4)
-    result = ppo.run(settings(steps=1, merge_adapter=True), ModelSpec(source=str(tiny_model)), merge, data,
-                     tmp_path / "ppo", device="cpu")
+    result = run_stage("ppo", settings(steps=1, merge_adapter=True), tmp_path / "ppo",
+                       model=ModelSpec(source=str(tiny_model)), inputs={"merge": merge, "dataset": data})
     merged = AutoModelForCausalLM.from_pretrained(result.merged_path)
     assert torch.isfinite(merged(**model_inputs(result.merged_path)).logits).all()
 
@@ -151,7 +161,7 @@ def test_non_finite_loss_raises(tiny_model, tmp_path):
     merge, data = inputs(tmp_path, tiny_model, [{"prompt": "The movie was", "completion": "good"}] * 4)
     s = settings(steps=1, reward=RewardSettings(kind="function", function="ppo_rewards:huge"))
     with pytest.raises(TrainingDiverged, match="ppo: loss became"):
-        ppo.run(s, ModelSpec(source=str(tiny_model)), merge, data, tmp_path / "ppo", device="cpu")
+        run_stage("ppo", s, tmp_path / "ppo", model=ModelSpec(source=str(tiny_model)), inputs={"merge": merge, "dataset": data}, device="cpu")
     assert not (tmp_path / "ppo").exists()
 
 
@@ -160,15 +170,16 @@ def test_evaluate_policy(tiny_model, tmp_path):
     s, spec = settings(), ModelSpec(source=str(tiny_model))
     fresh = tmp_path / "fresh"
     get_peft_model(load_causal_lm(tiny_model, spec, "cpu"), lora_config(s.lora)).save_pretrained(fresh)
-    out = ppo.evaluate_policy(str(tiny_model), str(fresh), spec, s, QUERIES, seed=3, max_new_tokens=5)
+    out = rl.evaluate_policy(str(tiny_model), str(fresh), spec, s, QUERIES, seed=3, max_new_tokens=5)
     assert out["kl_ppo"] == 0.0  # a fresh adapter is the SFT model: same samples, zero KL
     assert out["reward_ppo"] == out["reward_sft"]
     assert [x["sft"] for x in out["samples"]] == [x["ppo"] for x in out["samples"]]
     assert [x["query"] for x in out["samples"]] == QUERIES
 
     merge, data = inputs(tmp_path, tiny_model, [{"prompt": q, "completion": "x"} for q in QUERIES])
-    trained = ppo.run(settings(steps=3, learning_rate=2e-2), spec, merge, data, tmp_path / "ppo", device="cpu")
-    out = ppo.evaluate_policy(str(tiny_model), trained.adapter_path, spec, s, QUERIES, seed=3)
+    trained = run_stage("ppo", settings(steps=3, learning_rate=2e-2), tmp_path / "ppo", model=spec,
+                        inputs={"merge": merge, "dataset": data})
+    out = rl.evaluate_policy(str(tiny_model), trained.adapter_path, spec, s, QUERIES, seed=3)
     assert all(math.isfinite(out[k]) for k in ("reward_sft", "reward_ppo", "kl_ppo"))
     assert out["kl_ppo"] > -0.5  # an unbiased estimate of a KL: non-negative up to sampling noise
     assert len(out["samples"]) == len(QUERIES)
@@ -177,10 +188,49 @@ def test_evaluate_policy(tiny_model, tmp_path):
 def test_build_queries_takes_openings_or_prompts(tiny_model, tmp_path):
     tok = ppo.load_tokenizer(tiny_model)
     _, text = inputs(tmp_path, tiny_model, [{"text": "The film was a quiet triumph of craft and care."}] * 20)
-    queries = ppo.build_queries(text.train_path, tok, settings(query_min_tokens=2, query_max_tokens=4), seed=0)
+    queries = rl.build_queries(text.train_path, tok, settings(query_min_tokens=2, query_max_tokens=4), seed=0)
     lengths = {len(tok(q, add_special_tokens=False).input_ids) for q in queries}
     assert lengths <= {2, 3, 4} and len(lengths) > 1
     assert all("The film was a quiet triumph".startswith(q) for q in queries)
     _, inst = inputs(tmp_path, tiny_model, [{"prompt": "指示: 挨拶\n", "completion": "応答: こんにちは"}])
-    assert ppo.build_queries(inst, tok, settings(), seed=0) == ["指示: 挨拶\n"]
+    assert rl.build_queries(inst.train_path, tok, settings(), seed=0) == ["指示: 挨拶\n"]
 
+
+
+def test_two_concurrent_ppo_runs_with_the_same_inputs_keep_their_checkpoints(tiny_model, tmp_path):
+    """Two runs of the same inputs at once share a checkpoint key: the second gets a private
+    folder instead of resuming from, or rotating away, the first one's checkpoints."""
+    import threading
+    rows = [{"text": t} for t in ["A fine film.", "A dull film.", "Warm and funny.", "Thin plot."]]
+    merge, data = inputs(tmp_path, tiny_model, rows)
+    spec, ckpt = ModelSpec(source=str(tiny_model)), tmp_path / ".checkpoints" / "same-key"
+    seen, results, errors = [], {}, []
+
+    def run(name):
+        try:
+            ctx = stage_context("ppo", settings(steps=3, save_steps=1), tmp_path / name, model=spec, checkpoint_dir=ckpt)
+            results[name] = registry.execute(registry.get("ppo"), ctx, {"merge": merge, "dataset": data})
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    real_save = ppo.save_checkpoint
+
+    def watching_save(root, step, *args, **kwargs):
+        seen.append((str(root), step))
+        return real_save(root, step, *args, **kwargs)
+    ppo.save_checkpoint = watching_save
+    try:
+        threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        ppo.save_checkpoint = real_save
+    assert not errors, errors
+    assert results["a"].steps == results["b"].steps == 3
+    roots = {root for root, _ in seen}
+    assert len(roots) == 2 and str(ckpt) in roots   # one run in the keyed folder, the other in its own
+    for root in roots:                             # each saved steps 1, 2, 3 into its folder, none lost
+        assert sorted(step for r, step in seen if r == root) == [1, 2, 3]
+    assert not ckpt.exists() and not list(ckpt.parent.glob("same-key.concurrent-*"))

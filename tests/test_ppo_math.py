@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tasks.ppo_math import (
+from shomin.tasks.models.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     clipped_policy_loss,

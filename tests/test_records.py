@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from tasks.config import Tracking
-from tasks.rundir import RunDir, StageResult, staged_dir
-from tasks.tracking import MAX_PARAM, Tracker, redact
+from shomin.tasks.ground.settings import Tracking
+from shomin.tasks.ground.rundir import RunDir, staged_dir
+from shomin.tasks.ground.records import StageResult
+from shomin.tasks.ground.tracking import MAX_PARAM, Tracker, redact
 
 
 def test_staged_dir_appears_only_complete(tmp_path):

@@ -9,10 +9,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_stage, stage_context  # noqa: F401
 import torch
 import yaml
 
-from tasks.config import EvaluateSettings, LoraSettings, MergeSettings, ModelSpec, PpoSettings, SftSettings
+from shomin.tasks.stages.evaluate import EvaluateSettings
+from shomin.tasks.ground.settings import LoraSettings, ModelSpec
+from shomin.tasks.stages.merge import MergeSettings
+from shomin.tasks.stages.ppo import PpoSettings
+from shomin.tasks.stages.sft import SftSettings
 from tests.conftest import ROOT
 
 DOLLY = ROOT / "data" / "dolly-ja-sample.jsonl"
@@ -36,7 +42,7 @@ def write_pipeline(workdir: Path, model, sft: str, extra: str = "") -> Path:
 def shomin(args, cwd, **kw):
     # the default MLflow store (sqlite:///mlflow.db in the working folder), as users get it
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "shomin.flows.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -69,40 +75,45 @@ def test_diverging_loss_stops_the_run_before_merge(tmp_path, tiny_model):
 
 
 def test_oom_message_names_what_to_lower_and_the_plan():
-    from tasks.model import OutOfMemory, oom_message
+    from shomin.tasks.ground.errors import OutOfMemory
+    from shomin.tasks.models.memory import oom_message
     assert issubclass(OutOfMemory, RuntimeError)
-    msg = oom_message("sft", SftSettings(micro_batch_size=4, max_seq_length=512), predicted_gib=12.5)
+    from shomin.tasks.registry import get
+
+    def oom(stage, settings, **kw):   # the advice comes from the stage's registry entry
+        return oom_message(stage, get(stage).lower_hint(settings), **kw)
+    msg = oom("sft", SftSettings(micro_batch_size=4, max_seq_length=512), predicted_gib=12.5)
     assert "\n" not in msg and msg.startswith("sft: CUDA out of memory")
     for want in ("stages.sft.micro_batch_size (now 4)", "stages.sft.max_seq_length (now 512)",
                  "model.quantization: 4bit", "gradient_checkpointing", "predicted a sft peak of 12.50 GiB"):
         assert want in msg, msg
-    msg = oom_message("ppo", PpoSettings(batch_size=16, mini_batch_size=4, response_max_tokens=32))
+    msg = oom("ppo", PpoSettings(batch_size=16, mini_batch_size=4, response_max_tokens=32))
     for want in ("stages.ppo.mini_batch_size (now 4)", "stages.ppo.batch_size (now 16)",
                  "stages.ppo.response_max_tokens (now 32)", "stages.ppo.quantization", "no memory plan"):
         assert want in msg, msg
-    msg = oom_message("evaluate", EvaluateSettings(batch_size=8, max_seq_length=256))
+    msg = oom("evaluate", EvaluateSettings(batch_size=8, max_seq_length=256))
     assert "stages.evaluate.batch_size (now 8)" in msg and "stages.evaluate.max_seq_length (now 256)" in msg
 
 
 def test_oom_message_reads_the_runs_own_memory_plan(tmp_path, tiny_model):
-    from tasks import env_check
-    from tasks.config import EnvCheckSettings, load_pipeline
-    from tasks.model import planned_peak_gib
+    from shomin.tasks.registry import load_pipeline, plan_context
     cfg = write_pipeline(tmp_path, tiny_model, "max_steps: 2")
     p = load_pipeline(cfg, "tiny")
-    run = tmp_path / "runs" / "tiny" / "r1"
-    res = env_check.run(EnvCheckSettings(), p, run / "env_check")
-    assert planned_peak_gib(run / "sft", "sft") == pytest.approx(res.plan.stages["sft"]["total"] / 2**30)
-    assert planned_peak_gib(run / "ppo", "ppo") is None          # no ppo in this plan
-    assert planned_peak_gib(tmp_path / "elsewhere" / "sft", "sft") is None   # no env_check in that run
+    plan = plan_context(p)      # what the flow hands every stage after env_check
+    res = run_stage("env_check", p.stages.env_check, tmp_path / "env_check", model=p.model, plan=plan)
+    sft_ctx = stage_context("sft", p.stages.sft, tmp_path / "sft", model=p.model, plan=plan)
+    assert sft_ctx.planned_peak_gib() == pytest.approx(res.plan["stages"]["sft"]["total"] / 2**30)
+    assert sft_ctx.planned_peak_gib("ppo") is None          # no ppo in this plan
+    assert stage_context("sft", p.stages.sft, tmp_path / "x", model=p.model).planned_peak_gib() is None  # no env_check
 
 
 def test_oom_inside_a_stage_is_exit_1_with_the_advice(tmp_path, tiny_model, monkeypatch, capsys):
     """The mapping StageFailed -> exit code, in process: a user mistake found inside a stage is 2, OOM is 1."""
-    import flows.pipeline
-    from flows import cli
-    from tasks.config import ConfigError
-    from tasks.model import OutOfMemory, oom_message
+    import shomin.flows.pipeline
+    from shomin.flows import cli
+    from shomin.tasks.ground.errors import ConfigError
+    from shomin.tasks.ground.errors import OutOfMemory
+    from shomin.tasks.models.memory import oom_message
     cfg = write_pipeline(tmp_path, tiny_model, "max_steps: 2")
     monkeypatch.chdir(tmp_path)
     for error, code, want in [
@@ -111,8 +122,8 @@ def test_oom_inside_a_stage_is_exit_1_with_the_advice(tmp_path, tiny_model, monk
         (RuntimeError("boom\nsecond line"), 1, "shomin: stage 'sft' failed: boom"),
     ]:
         def fail(*a, _e=error, **k):
-            raise flows.pipeline.StageFailed("sft", _e)
-        monkeypatch.setattr(flows.pipeline, "run_pipeline", fail)
+            raise shomin.flows.pipeline.StageFailed("sft", _e)
+        monkeypatch.setattr(shomin.flows.pipeline, "run_pipeline", fail)
         assert cli.main(["run", "-f", str(cfg), "tiny"]) == code
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("shomin: ")]
         assert len(err) == 1 and err[0].startswith(want), err   # (MLflow may log its own set-up lines)
@@ -160,8 +171,8 @@ def _lora_grads(tiny_model, compute_dtype: str, guard: bool, eval_first: bool) -
     import bitsandbytes as bnb
     from peft import get_peft_model
 
-    from tasks.model import guard_bnb_cpu, load_causal_lm
-    from tasks.sft import lora_config
+    from shomin.tasks.models.loading import guard_bnb_cpu, load_causal_lm
+    from shomin.tasks.models.loading import lora_config
     spec = ModelSpec(source=str(tiny_model), quantization="4bit", compute_dtype=compute_dtype)
     lm = load_causal_lm(tiny_model, spec, "cpu")   # guards on load
     layers = [m for m in lm.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -226,7 +237,7 @@ def _adapter(base_folder: Path, dest: Path) -> Path:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.sft import lora_config
+    from shomin.tasks.models.loading import lora_config
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder), lora_config(LoraSettings(r=4, alpha=8)))
     for name, p in model.named_parameters():
@@ -237,34 +248,34 @@ def _adapter(base_folder: Path, dest: Path) -> Path:
 
 
 def _results(model_folder, adapter):
-    from tasks.model import ModelResult
-    from tasks.sft import SftResult
+    from shomin.tasks.ground.records import ModelResult
+    from shomin.tasks.ground.records import SftResult
     return (ModelResult(stage="model_init", output_dir="-", model_path=str(model_folder), tokenizer_path=str(model_folder),
                         num_parameters=1, architecture="LlamaForCausalLM"),
             SftResult(stage="sft", output_dir="-", adapter_path=str(adapter), steps=1))
 
 
 def test_merge_refuses_an_adapter_of_another_base(tmp_path, tiny_model, narrow_model):
-    from tasks import merge
-    from tasks.config import ConfigError
+    from shomin.tasks.stages import merge
+    from shomin.tasks.ground.errors import ConfigError
     adapter = _adapter(narrow_model, tmp_path / "adapter")
     model_res, sft_res = _results(tiny_model, adapter)
     spec = ModelSpec(source=str(tiny_model))
     # both bases live in folders named `model`: the name matches, the shapes do not
     with pytest.raises(ConfigError, match=r"with hidden_size=32, but this pipeline's base .* has hidden_size=64"):
-        merge.run(MergeSettings(), spec, model_res, sft_res, tmp_path / "merge")
+        run_stage("merge", MergeSettings(), tmp_path / "merge", model=spec, inputs={"model_init": model_res, "sft": sft_res})
     # the adapter's base no longer on disk: PEFT's shape check still refuses it, in one line
     conf = json.loads((adapter / "adapter_config.json").read_text())
     conf["base_model_name_or_path"] = str(tmp_path / "gone" / "model")
     (adapter / "adapter_config.json").write_text(json.dumps(conf))
     with pytest.raises(ConfigError, match="does not fit the base.*size mismatch") as e:
-        merge.run(MergeSettings(), spec, model_res, sft_res, tmp_path / "merge")
+        run_stage("merge", MergeSettings(), tmp_path / "merge", model=spec, inputs={"model_init": model_res, "sft": sft_res})
     assert "\n" not in str(e.value)
     # another name altogether
     conf["base_model_name_or_path"] = "org/another-model"
     (adapter / "adapter_config.json").write_text(json.dumps(conf))
     with pytest.raises(ConfigError, match="was trained on 'org/another-model'"):
-        merge.run(MergeSettings(), spec, model_res, sft_res, tmp_path / "merge")
+        run_stage("merge", MergeSettings(), tmp_path / "merge", model=spec, inputs={"model_init": model_res, "sft": sft_res})
     assert not (tmp_path / "merge").exists()
 
 
@@ -273,11 +284,11 @@ def test_merge_of_a_4bit_pipeline_loads_the_base_unquantized(tmp_path, tiny_mode
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from tasks import merge
+    from shomin.tasks.stages import merge
     adapter = _adapter(tiny_model, tmp_path / "adapter")
     model_res, sft_res = _results(tiny_model, adapter)
     spec = ModelSpec(source=str(tiny_model), quantization="4bit", compute_dtype="float32")   # QLoRA pipeline
-    res = merge.run(MergeSettings(dtype="float16"), spec, model_res, sft_res, tmp_path / "merge")
+    res = run_stage("merge", MergeSettings(dtype="float16"), tmp_path / "merge", model=spec, inputs={"model_init": model_res, "sft": sft_res})
     files = list(Path(res.merged_path).glob("*.safetensors"))
     assert files and not list(Path(res.merged_path).glob("*.bin"))
     for f in files:
@@ -298,7 +309,7 @@ def test_merge_of_a_4bit_pipeline_loads_the_base_unquantized(tmp_path, tiny_mode
 
 def test_shipped_pipelines_never_trust_remote_code():
     raw = yaml.safe_load((ROOT / "pipelines.yaml").read_text(encoding="utf-8"))
-    from tasks.config import load_config
+    from shomin.tasks.registry import load_config
     config = load_config(ROOT / "pipelines.yaml")
     for name, p in config.pipelines.items():
         assert p.model.trust_remote_code is False, name
@@ -312,8 +323,8 @@ def test_shipped_pipelines_never_trust_remote_code():
 def test_every_load_passes_trust_remote_code_from_the_pipeline_and_safetensors_only(tmp_path, tiny_model, monkeypatch):
     import transformers
 
-    from tasks import model
-    from tasks.config import ModelInitSettings
+    from shomin.tasks.models import loading as model
+    from shomin.tasks.stages.model_init import ModelInitSettings
     calls = []
     for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.AutoModelForCausalLM):
         original = cls.from_pretrained.__func__
@@ -326,7 +337,7 @@ def test_every_load_passes_trust_remote_code_from_the_pipeline_and_safetensors_o
     for trust in (False, True):
         calls.clear()
         spec = ModelSpec(source=str(tiny_model), trust_remote_code=trust)
-        res = model.run(ModelInitSettings(), spec, tmp_path / f"model_init-{trust}")
+        res = run_stage("model_init", ModelInitSettings(), tmp_path / f"model_init-{trust}", model=spec)
         model.load_tokenizer(res.tokenizer_path, spec.trust_remote_code)
         model.load_causal_lm(res.model_path, spec, "cpu")
         assert {c[0] for c in calls} >= {"AutoTokenizer", "AutoConfig", "AutoModelForCausalLM"}

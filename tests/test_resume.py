@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 import textwrap
 import time
 
@@ -40,7 +41,7 @@ def _complete_checkpoints(workdir):
 def test_sigkill_during_sft_then_rerun_resumes(tmp_path, tiny_model):
     (tmp_path / "pipelines.yaml").write_text(textwrap.dedent(PIPELINE.format(
         model=tiny_model, data=ROOT / "data" / "dolly-ja-sample.jsonl")), encoding="utf-8")
-    cmd = [sys.executable, "-m", "flows.cli", "run", "tiny"]
+    cmd = [sys.executable, "-m", "shomin.flows.cli", "run", "tiny"]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)   # its own process group: the kill takes Prefect's server too
@@ -91,7 +92,7 @@ def test_sigkill_during_sft_then_rerun_resumes(tmp_path, tiny_model):
 
 def test_last_checkpoint_skips_one_cut_off_mid_save(tmp_path):
     """A kill during a save leaves the newest checkpoint without trainer_state.json (written last)."""
-    from tasks.sft import last_checkpoint
+    from shomin.tasks.stages.sft import last_checkpoint
     assert last_checkpoint(tmp_path / "none") == (None, None)
     for step, complete in ((2, True), (4, True), (6, False)):
         d = tmp_path / f"checkpoint-{step}"
@@ -106,15 +107,20 @@ def test_last_checkpoint_skips_one_cut_off_mid_save(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="flock is POSIX")
 def test_checkpoint_lock_gives_a_concurrent_run_its_own_folder(tmp_path):
-    from tasks.sft import checkpoint_lock
+    from shomin.tasks.ground.checkpoints import claim
     root = tmp_path / ".checkpoints" / "key"
-    with checkpoint_lock(root) as (a, owned_a):
-        # a second process of the same inputs while the first trains
-        code = ("import sys; from pathlib import Path; from tasks.sft import checkpoint_lock\n"
-                f"with checkpoint_lock(Path({str(root)!r})) as (p, owned): print(p, owned)")
-        r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
-    assert (a, owned_a) == (root, True)
+    with pytest.raises(KeyboardInterrupt):
+        with claim(root) as a:
+            # a second process of the same inputs while the first trains
+            code = ("import sys; from pathlib import Path; from shomin.tasks.ground.checkpoints import claim\n"
+                    f"with claim(Path({str(root)!r})) as c: print(c.folder, c.owned)")
+            r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
+            a.folder.mkdir(parents=True)
+            raise KeyboardInterrupt   # killed: its checkpoints stay for the rerun
+    assert (a.folder, a.owned) == (root, True) and root.is_dir()
     other, owned = r.stdout.split()
     assert owned == "False" and other != str(root) and other.startswith(str(root) + ".concurrent-")
-    with checkpoint_lock(root) as (again, owned_again):   # released: the rerun gets (and resumes from) the folder
-        assert (again, owned_again) == (root, True)
+    assert not Path(other).exists()       # the concurrent run's private folder is gone
+    with claim(root) as again:   # released: the rerun gets (and resumes from) the folder
+        assert (again.folder, again.owned) == (root, True)
+    assert not root.exists()     # success: the checkpoints have done their job

@@ -8,7 +8,9 @@ import pydantic
 import pytest
 import torch
 
-from tasks.reward import DEFAULT_CLASSIFIER, RewardError, RewardSettings, build_reward
+from shomin.tasks.ground.settings import DEFAULT_CLASSIFIER, RewardSettings
+from shomin.tasks.ground.errors import RewardError
+from shomin.tasks.models.reward import build_reward
 
 TESTS_DIR = Path(__file__).resolve().parent
 

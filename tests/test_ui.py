@@ -33,7 +33,7 @@ def test_flow_run_page_shows_stages_and_evaluation(tmp_path, tiny_model):
     chromium = find_chromium()
     if chromium is None:
         pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)")
-    from flows.server import start_prefect
+    from shomin.flows.server import start_prefect
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(tiny_chain(tiny_model, sft=SFT, evaluate=EVALUATE))
     server = start_prefect(tmp_path, port=None, timeout=120)
@@ -41,7 +41,7 @@ def test_flow_run_page_shows_stages_and_evaluation(tmp_path, tiny_model):
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {
             "PYTHONPATH": str(ROOT), "PREFECT_API_URL": f"{server.url}/api", "HF_HUB_OFFLINE": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        r = subprocess.run([sys.executable, "-m", "flows.cli", "run", "tiny"], cwd=tmp_path, env=env,
+        r = subprocess.run([sys.executable, "-m", "shomin.flows.cli", "run", "tiny"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=180)
         assert r.returncode == 0, r.stderr[-3000:]
         (path,) = (tmp_path / "runs" / "tiny").glob("*/summary.json")

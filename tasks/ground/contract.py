@@ -42,12 +42,12 @@ class StageContext(BaseModel):
     pipeline_device: str = "auto"      # as written in the YAML (env_check plans for `cuda` on any machine)
     out_dir: str
     checkpoint_dir: str | None = None  # checkpointing stages: a folder outside the run, keyed by inputs
-    plan: dict | None = None           # env_check's MemoryPlan (model_dump), when the pipeline has one
+    plan: dict | None = None           # registry.plan_context: {"plan": MemoryPlan dump, "environment", ...}
 
     def planned_peak_gib(self, stage: str | None = None) -> float | None:
         """What the memory plan predicted for this (or another) stage, if there is a plan."""
         try:
-            return self.plan["stages"][stage or self.stage]["total"] / GIB
+            return self.plan["plan"]["stages"][stage or self.stage]["total"] / GIB
         except (TypeError, KeyError):
             return None
 

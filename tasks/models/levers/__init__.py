@@ -77,9 +77,13 @@ def apply(model, settings: Any, device: str, *, quantized: bool, upcast: bool,
 
 
 def _lora_layer():
+    """A LoRA linear made through PEFT's public API, to look at what the levers read off one."""
     import torch
-    from peft.tuners.lora import Linear
-    return Linear(torch.nn.Linear(4, 4), adapter_name="default", r=2, lora_alpha=2, lora_dropout=0.1)
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    host = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model = get_peft_model(host, LoraConfig(r=2, lora_alpha=2, lora_dropout=0.1, target_modules=["0"]))
+    return next(m for m in model.modules() if isinstance(m, LoraLayer))
 
 
 LORA_ATTRIBUTES = ("active_adapters", "lora_A", "lora_B", "lora_dropout", "scaling", "disable_adapters", "merged",
