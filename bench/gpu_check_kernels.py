@@ -1,8 +1,10 @@
 """GPU-only checks of the kernels the SFT stage routes to (CUDA needed; CI has none).
 
-Liger's RoPE kernel, used for GPT-NeoX by tasks/kernels.py, against transformers' own
+Liger's RoPE kernel, used for GPT-NeoX by tasks/models/levers/kernels.py, against transformers' own
 apply_rotary_pos_emb, in float32, for full (neox7b) and partial (neox20b, 25%) rotation;
-Liger's LayerNorm against torch's in bf16 (output within bf16 rounding, gradient within 1%).
+Liger's LayerNorm against torch's in bf16 (output within bf16 rounding, gradient within 1%);
+then the SFT stage on a tiny GPT-NeoX with `kernels: liger` trains with Liger's RoPE routed in
+and leaves transformers' own rotary function in place when it ends (the levers' undo).
 Usage: python bench/gpu_check_kernels.py   (prints one JSON line; exit 1 on a mismatch)
 """
 import json
@@ -27,6 +29,7 @@ for pct in (1.0, 0.25):
     worst[f"rotary_pct={pct}"] = max((got_q - want_q).abs().max().item(), (got_k - want_k).abs().max().item())
 # Liger's LayerNorm (GPT-NeoX's norms) against torch's, bf16 activations as in training
 from liger_kernel.functional import layer_norm  # noqa: E402
+
 x = torch.randn(4, 256, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 ln = torch.nn.LayerNorm(4096, device="cuda", dtype=torch.bfloat16)
 torch.nn.init.normal_(ln.weight, 1.0, 0.1), torch.nn.init.normal_(ln.bias, 0.0, 0.1)
@@ -39,4 +42,67 @@ worst["layer_norm_grad_rel"] = ((gx_got.float() - gx_want.float()).norm() / gx_w
 ok = all(v < 1e-5 for k, v in worst.items() if k.startswith("rotary")) \
     and worst["layer_norm_out_bf16"] < 0.07 and worst["layer_norm_grad_rel"] < 0.01
 print(json.dumps({"check": "liger rope (float32) and layer norm (bf16) vs transformers/torch", "max_abs_diff": worst, "ok": ok}))
+
+
+def sft_stage_restores_the_rotary() -> dict:
+    """The real SFT stage with Liger on CUDA: the patch is in during training, gone after."""
+    import tempfile
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import checkout  # noqa: F401 - shomin from this checkout
+    from shomin.tasks import registry
+    from shomin.tasks.ground.contract import StageContext
+    from shomin.tasks.ground.records import DataResult, ModelResult
+    from shomin.tasks.ground.settings import LoraSettings, ModelSpec
+    from shomin.tasks.stages.sft import SftSettings
+    from transformers import GPTNeoXForCausalLM
+
+    from tests.conftest import ROOT, make_tiny_model
+    work = Path(tempfile.mkdtemp())
+    tok = make_tiny_model(work / "tok")
+    config = GPTNeoXConfig(vocab_size=512, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=512, max_position_embeddings=256, rotary_pct=0.25)
+    GPTNeoXForCausalLM(config).save_pretrained(work / "neox", safe_serialization=True)
+    for f in tok.glob("*tok*"):
+        (work / "neox" / f.name).write_bytes(f.read_bytes())
+    rows = [json.loads(line)["text"] for line in open(ROOT / "data" / "movie-reviews.jsonl", encoding="utf-8")][:16]
+    (work / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows), encoding="utf-8")
+    data = DataResult(stage="dataset", output_dir=str(work), train_path=str(work / "train.jsonl"),
+                      eval_path="-", format="text", n_train=len(rows), n_eval=0)
+    model = ModelResult(stage="model_init", output_dir="-", model_path=str(work / "neox"),
+                        tokenizer_path=str(work / "neox"), num_parameters=0, architecture="GPTNeoXForCausalLM")
+    seen = []
+    real_apply = registry.get("sft").run
+
+    def watch(ctx, inputs):   # what transformers' module holds while the stage trains
+        from transformers import TrainerCallback
+
+        class Look(TrainerCallback):
+            def on_step_end(self, *a, **k):
+                seen.append(modeling_gpt_neox.apply_rotary_pos_emb is liger_rotary_pos_emb)
+        from shomin.tasks.stages import sft
+        build = sft.build_trainer
+
+        def with_look(*a, **k):
+            trainer, levers = build(*a, **k)
+            trainer.add_callback(Look())
+            return trainer, levers
+        sft.build_trainer = with_look
+        try:
+            return real_apply(ctx, inputs)
+        finally:
+            sft.build_trainer = build
+    settings = SftSettings(lora=LoraSettings(r=4, alpha=8), max_steps=3, batch_size=2, micro_batch_size=2,
+                           max_seq_length=64, logging_steps=1, kernels="liger", gradient_checkpointing=True)
+    ctx = StageContext(stage="sft", settings=settings, model=ModelSpec(source=str(work / "neox")), device="cuda",
+                       out_dir=str(work / "sft"))
+    from dataclasses import replace
+    registry.execute(replace(registry.get("sft"), run=watch), ctx, {"model_init": model, "dataset": data})
+    return {"liger_during_training": all(seen) and bool(seen),
+            "own_rotary_after": modeling_gpt_neox.apply_rotary_pos_emb is reference}
+
+
+stage = sft_stage_restores_the_rotary()
+ok = ok and all(stage.values())
+print(json.dumps({"check": "sft stage with kernels=liger on gpt_neox: patched while it trains, undone after", **stage, "ok": ok}))
 sys.exit(0 if ok else 1)

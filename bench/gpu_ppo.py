@@ -18,13 +18,20 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
-from shomin.tasks.stages import ppo  # noqa: E402
-from shomin.tasks.ground.settings import LoraSettings, ModelSpec  # noqa: E402
-from shomin.tasks.stages.ppo import PpoSettings  # noqa: E402
-from shomin.tasks.ground.records import DataResult  # noqa: E402
-from shomin.tasks.ground.records import MergeResult  # noqa: E402
-from shomin.tasks.ground.settings import RewardSettings  # noqa: E402
+import checkout  # noqa: E402,F401 - shomin from this checkout
 from shapes import SHAPES  # noqa: E402
+from shomin.tasks import registry  # noqa: E402
+from shomin.tasks.ground.contract import StageContext  # noqa: E402
+from shomin.tasks.ground.records import (
+    DataResult,  # noqa: E402
+    MergeResult,  # noqa: E402
+)
+from shomin.tasks.ground.settings import (  # noqa: E402
+    LoraSettings,
+    ModelSpec,
+    RewardSettings,  # noqa: E402
+)
+from shomin.tasks.stages.ppo import PpoSettings  # noqa: E402
 
 ARCH, QUANT = sys.argv[1], sys.argv[2]
 QUERIES, NEW_TOKENS, STEPS = map(int, sys.argv[3:6])
@@ -93,7 +100,8 @@ def main():
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    result = ppo.run(settings, spec, merge, data, work / "ppo", device=DEVICE, seed=0)
+    ctx = StageContext(stage="ppo", settings=settings, model=spec, seed=0, device=DEVICE, out_dir=str(work / "ppo"))
+    result = registry.execute(registry.get("ppo"), ctx, {"merge": merge, "dataset": data})
     log = json.loads((work / "ppo" / "ppo_log.json").read_text())
     timed = log[1:] or log  # the first step carries CUDA/cuBLAS warm-up
     mean = lambda k: sum(e[k] for e in timed) / len(timed)  # noqa: E731

@@ -9,9 +9,9 @@ Usage: python bench/gpu_sft.py ARCH SEQ BATCH STEPS VARIANT
              same      nothing changed (must match stock)
              liger     fused Triton kernels (RMSNorm, SwiGLU, RoPE)
              keep16    frozen norms/embeddings/LM head stay bf16 (no float32 residual stream)
-             fused     one autograd function per LoRA linear (tasks/fast_lora.py)
+             fused     one autograd function per LoRA linear (tasks/models/levers/fast_lora.py)
              offload   checkpointed layer inputs (and, with fused, attention outputs) in pinned host
-                       memory (tasks/checkpointing.py)
+                       memory (tasks/models/levers/checkpointing.py)
              nockpt    no gradient checkpointing
              paged8    paged 8-bit AdamW
              nooutputs attention outputs recomputed, not fetched from host (e.g. default,nooutputs)
@@ -31,11 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkout  # noqa: E402,F401 - shomin from this checkout
+from shomin.tasks.ground.records import (
+    DataResult,  # noqa: E402
+    ModelResult,  # noqa: E402
+)
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec  # noqa: E402
-from shomin.tasks.stages.sft import SftSettings  # noqa: E402
-from shomin.tasks.ground.records import DataResult  # noqa: E402
-from shomin.tasks.ground.records import ModelResult  # noqa: E402
-from shomin.tasks.stages.sft import build_trainer  # noqa: E402
+from shomin.tasks.stages.sft import (
+    SftSettings,  # noqa: E402
+    build_trainer,  # noqa: E402
+)
 
 ARCH, SEQ, BATCH, STEPS, VARIANT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))
@@ -56,8 +61,8 @@ def toy_tokenizer(vocab: int, folder: Path) -> str:
 
 def short_checkpoint(layers: int) -> Path:
     """The shape of ARCH with fewer layers: every per-layer cost is the same, at a fraction of the load time."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     from shapes import SHAPES
+    from transformers import AutoConfig, AutoModelForCausalLM
     path = SCRATCH / f"rand_{ARCH}_L{layers}"
     if not (path / "config.json").exists():
         model_type, kw = SHAPES[ARCH]
@@ -143,7 +148,7 @@ def main():
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    trainer = build_trainer(settings, spec, model_res, data, DEVICE, work / "ckpt", seed=42)
+    trainer, _levers = build_trainer(settings, spec, model_res, data, DEVICE, work / "ckpt", seed=42)
     load_s = time.time() - t0
     trainer.add_callback(Clock())
     if os.environ.get("BENCH_PROFILE"):

@@ -10,12 +10,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+import checkout  # noqa: E402,F401 - shomin from this checkout
+from shomin.tasks import registry  # noqa: E402
+from shomin.tasks.registry import plan_memory  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
-from shomin.tasks.ground.settings import Pipeline  # noqa: E402
-from shomin.tasks.registry import plan_memory  # noqa: E402
-from shomin.tasks.models.memory import shape_from_config  # noqa: E402
+Pipeline = registry.models()[0]
 from shapes import SHAPES  # noqa: E402
+from shomin.tasks.models.memory import shape_from_config  # noqa: E402
 
 GIB = 2 ** 30
 

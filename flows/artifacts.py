@@ -31,6 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from shomin.tasks.ground.rundir import markdown_cell
+
 log = logging.getLogger("shomin.artifacts")
 
 SFT_CURVES = ("loss", "eval_loss", "learning_rate", "grad_norm")
@@ -95,12 +97,6 @@ def _num(v: Any) -> float | None:
     return round(float(v), 4) if isinstance(v, (int, float)) else None
 
 
-def _cell(text: Any, width: int = 300) -> str:
-    if text is None:
-        return "—"
-    return str(text).replace("|", "\\|").replace("\n", "<br>")[:width] or "(empty)"
-
-
 def sparkline(values: list[float]) -> str:
     vals = [v for v in values if isinstance(v, (int, float)) and v == v]
     if not vals:
@@ -146,6 +142,8 @@ def plot_curves(entries: list[dict], keys: tuple[str, ...], title: str, path: st
 # ---------------------------------------------------------------- Prefect
 
 
+# Long on purpose (~70 lines): one block per artifact of the flow-run page, in page order,
+# so the page can be read top-down here.
 def prefect_artifacts(summary: dict, results: dict, mlflow_url: str | None) -> list[str]:
     """Create the flow run's artifacts; returns their keys."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -178,13 +176,13 @@ def prefect_artifacts(summary: dict, results: dict, mlflow_url: str | None) -> l
             lines = [f"# Generations before / after — {pipeline} `{run_id}`", ""]
             if samples:
                 lines += ["| prompt | before | after |", "|---|---|---|"]
-                lines += [f"| {_cell(s.get('prompt'), 120)} | {_cell(s.get('before'))} | {_cell(s.get('after'))} |"
+                lines += [f"| {markdown_cell(s.get('prompt'), 120)} | {markdown_cell(s.get('before'))} | {markdown_cell(s.get('after'))} |"
                           for s in samples]
             if rlhf:
                 cols = [c for c in rlhf[0] if c != "query"] if isinstance(rlhf[0], dict) else []
                 lines += ["", "## RLHF: SFT policy vs PPO policy", "",
                           "| query | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-                lines += ["| " + _cell(s.get("query"), 120) + " | " + " | ".join(_cell(s.get(c)) for c in cols) + " |"
+                lines += ["| " + markdown_cell(s.get("query"), 120) + " | " + " | ".join(markdown_cell(s.get(c)) for c in cols) + " |"
                           for s in rlhf if isinstance(s, dict)]
             key = artifact_key(pipeline, "generations")
             create_markdown_artifact("\n".join(lines), key=key, description="Answers before and after, side by side")
@@ -251,85 +249,44 @@ def _local_mlflow_ui() -> str:
 # ---------------------------------------------------------------- MLflow
 
 
-def stage_runs(tracker: Any) -> dict[str, str]:
-    """stage name -> child run id under the tracker's parent run."""
-    runs = tracker.client.search_runs([tracker.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{tracker.parent_id}'",
-                                      max_results=200)
-    out: dict[str, str] = {}
-    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
-        out[r.data.tags.get("stage") or r.info.run_name] = r.info.run_id
-    return out
-
-
 def mlflow_extras(summary: dict, results: dict, tracker: Any, pipeline: Any = None) -> dict[str, Any]:
-    """Plots, tables, tags and (optionally) a model version; returns what was logged."""
-    client = tracker.client
-    children = stage_runs(tracker)
+    """Plots, tables, tags and (optionally) a model version, through the tracker; returns what was logged."""
     logged: dict[str, Any] = {"plots": [], "tables": []}
-    commit = None
-    parent = client.get_run(tracker.parent_id)
-    commit = parent.data.tags.get("git_commit")
-    tags = {"prefect_flow_run_id": summary.get("prefect_flow_run_id") or "", "shomin.status": summary.get("status", "")}
-    if commit and commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit
-    for k, v in tags.items():
-        if v:
-            client.set_tag(tracker.parent_id, k, v)
+    commit = tracker.parent_tag("git_commit")
+    commit = commit if commit and commit != "unknown" else ""
+    tracker.tag({"prefect_flow_run_id": summary.get("prefect_flow_run_id") or "",
+                 "shomin.status": summary.get("status", ""), "mlflow.source.git.commit": commit})
+    tracker.tag({"mlflow.source.git.commit": commit}, stages=True)
     with tempfile.TemporaryDirectory() as tmp:
         for stage, keys in (("sft", SFT_CURVES), ("ppo", PPO_CURVES)):
-            rid = children.get(stage)
             entries = curve_log(results, summary, stage)
-            if not rid or not entries:
+            if stage not in tracker.stage_runs or not entries:
                 continue
             png = plot_curves(entries, keys, f"{summary.get('pipeline')} {stage}", Path(tmp) / f"{stage}_curves.png")
             if png is not None:
-                client.log_artifact(rid, str(png), "plots")
-                client.log_artifact(tracker.parent_id, str(png), "plots")
+                tracker.log_file(png, "plots", stage)
                 logged["plots"].append(f"{stage}:plots/{png.name}")
-        for rid in children.values():
-            if commit and commit != "unknown":
-                client.set_tag(rid, "mlflow.source.git.commit", commit)
     report = eval_report(results, summary)
     if report:
         rows = eval_rows(report)
-        table = {"metric": [r["metric"] for r in rows], "before": [r["before"] for r in rows],
-                 "after": [r["after"] for r in rows]}
+        tracker.log_table({"metric": [r["metric"] for r in rows], "before": [r["before"] for r in rows],
+                           "after": [r["after"] for r in rows]}, "eval_table.json", "evaluate")
         samples = report.get("samples") or []
-        gens = {"prompt": [s.get("prompt") for s in samples], "before": [s.get("before") for s in samples],
-                "after": [s.get("after") for s in samples]}
-        for rid in filter(None, (children.get("evaluate"), tracker.parent_id)):
-            client.log_table(rid, data=table, artifact_file="eval_table.json")
-            if samples:
-                client.log_table(rid, data=gens, artifact_file="generations.json")
+        if samples:
+            tracker.log_table({"prompt": [s.get("prompt") for s in samples], "before": [s.get("before") for s in samples],
+                               "after": [s.get("after") for s in samples]}, "generations.json", "evaluate")
         logged["tables"] += ["eval_table.json"] + (["generations.json"] if samples else [])
     if pipeline is not None and getattr(pipeline.tracking, "register_model", False) and summary.get("status") == "completed":
-        logged["model_version"] = register_model(summary, results, tracker, children, pipeline.name)
+        logged["model_version"] = register_model(summary, results, tracker, pipeline.name)
     return logged
 
 
-def register_model(summary: dict, results: dict, tracker: Any, children: dict[str, str], name: str) -> dict | None:
+def register_model(summary: dict, results: dict, tracker: Any, name: str) -> dict | None:
     """The PPO adapter (RLHF pipelines) or else the merged model, as a new version of model `name`."""
-    from mlflow.exceptions import MlflowException
-    client = tracker.client
     for stage, art, what in (("ppo", "adapter", "ppo-adapter"), ("merge", "merged", "merged-model")):
         path = _artifacts(results, summary, stage).get(art)
-        rid = children.get(stage)
-        if not path or not rid:
-            continue
-        # the stage run logged its folder as artifacts when small enough; else the local path is the source
-        sub = Path(path).name
-        logged = {a.path for a in client.list_artifacts(rid)}
-        source = f"runs:/{rid}/{sub}" if sub in logged else Path(path).resolve().as_uri()
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
-            client.create_registered_model(name, description=f"shomin pipeline {name}")
-        mv = client.create_model_version(name, source, run_id=rid,
-                                         tags={"kind": what, "run_id": summary.get("run_id", ""), "stage": stage},
-                                         description=f"{what} of run {summary.get('run_id')}")
-        client.set_tag(tracker.parent_id, "registered_model", f"{name}/{mv.version}")
-        return {"name": name, "version": mv.version, "source": source, "kind": what}
+        if path and stage in tracker.stage_runs:
+            return tracker.register(name, stage, path, what, summary.get("run_id", ""))
     return None
 
 

@@ -106,6 +106,7 @@ def cmd_run(args) -> int:
 
 def cmd_schema(args) -> int:
     import json
+
     from shomin.tasks.registry import config_schema
     print(json.dumps(config_schema(), indent=2, ensure_ascii=False))
     return 0

@@ -69,7 +69,6 @@ def build_deployments(config_path: str | Path = "pipelines.yaml", names: list[st
     """RunnerDeployments of flows.pipeline:pipeline_flow, one per scheduled pipeline."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
-
     from shomin.flows.pipeline import pipeline_flow
     pipelines = scheduled(config_path, names)
     # validate every override now, not at 3 a.m.

@@ -9,11 +9,10 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from prefect import flow
 from prefect.runtime import flow_run
-
 from shomin.flows.prefect_tasks import stage_task
 from shomin.tasks import registry
 from shomin.tasks.ground.contract import Stage

@@ -13,7 +13,6 @@ from functools import lru_cache
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
 from shomin.tasks import registry
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError

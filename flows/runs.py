@@ -48,30 +48,10 @@ def _from_summary(path: Path) -> dict | None:
 
 def _mlflow_runs(name: str, pipeline: Any, workdir: Path, limit: int) -> list[dict]:
     from shomin.tasks.ground.settings import Tracking
-    from shomin.tasks.ground.tracking import tracking_uri
+    from shomin.tasks.ground.tracking import recent_runs
     tracking = pipeline.tracking if pipeline is not None else Tracking()
-    uri = tracking_uri(tracking, workdir)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        return []  # never create an empty store just to list it
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(tracking.experiment or name)
-    if exp is None:
-        return []
-    out = []
-    for r in client.search_runs([exp.experiment_id], filter_string=f"tags.pipeline = '{name}'",
-                                order_by=["attributes.start_time DESC"], max_results=limit * 10):
-        tags = r.data.tags
-        if "mlflow.parentRunId" in tags or "run_id" not in tags:
-            continue
-        seconds = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time and r.info.start_time else None
-        out.append({"pipeline": name, "run_id": tags["run_id"], "mlflow_run_id": r.info.run_id,
-                    "mlflow_status": r.info.status, "seconds": seconds,
-                    "metrics": {k: r.data.metrics[k] for k in KEY_METRICS if k in r.data.metrics},
-                    "started_at": _iso(r.info.start_time), "source": "mlflow"})
-        if len(out) >= limit:
-            break
-    return out
+    return [{**{k: v for k, v in r.items() if k != "start_ms"}, "started_at": _iso(r["start_ms"]), "source": "mlflow"}
+            for r in recent_runs(tracking, name, workdir, limit, KEY_METRICS)]
 
 
 def _iso(ms: int | None) -> str | None:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, create_model
-
 from shomin.tasks.ground import config as yaml_config
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError, OutOfMemory
 from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.settings import PipelineBase, StagesBase, Strict
+from shomin.tasks.models.loading import EIGHT_BIT_NEEDS_CUDA, resolve_device
 from shomin.tasks.stages import dataset, env_check, evaluate, merge, model_init, ppo, sft
 
 STAGES: list[Stage] = [
@@ -112,7 +112,6 @@ def check_pipeline(p: PipelineBase, file: str = "pipelines.yaml", before_run: bo
     Errors are ConfigError naming the file and the field path (or the dataset file and row)."""
     try:
         if before_run:
-            from shomin.tasks.models.loading import resolve_device
             resolve_device(p.device)  # cuda asked for, none here
         if needs_gpu(p):
             import torch
@@ -120,7 +119,7 @@ def check_pipeline(p: PipelineBase, file: str = "pipelines.yaml", before_run: bo
                 field = "model.quantization" if p.model.quantization == "8bit" else next(
                     f"stages.{s.name}.quantization" for s in present(p)
                     if getattr(getattr(p.stages, s.name), "quantization", None) == "8bit")
-                raise ConfigError(f"{field}: 8bit needs a CUDA GPU (none here); use 4bit or none")
+                raise ConfigError(f"{field}: {EIGHT_BIT_NEEDS_CUDA}")
         for stage in present(p):
             if stage.check is not None:
                 stage.check(p, getattr(p.stages, stage.name), before_run)
@@ -143,7 +142,8 @@ def _locate(msg: str, file: str, name: str) -> str:
 def plan_memory(p: PipelineBase, shape: dict, device: str, free_bytes: int | None, total_bytes: int | None,
                 **kwargs):
     """The plan of the present stages that declare memory terms (see tasks/models/memory.py)."""
-    from shomin.tasks.models.memory import StageTerms, plan_memory as add_up
+    from shomin.tasks.models.memory import StageTerms
+    from shomin.tasks.models.memory import plan_memory as add_up
     terms = {s.name: StageTerms(s.plan, getattr(p.stages, s.name), s.memory, s.lower_hint())
              for s in present(p) if s.plan is not None}
     return add_up(terms, p.model, shape, device, free_bytes, total_bytes, **kwargs)
@@ -153,7 +153,6 @@ def plan_for(p: PipelineBase, headroom: float | None = None) -> dict:
     """The plan on this machine: {"plan": MemoryPlan, "environment", "shape", "quantizations"}. A cuda
     pipeline previewed on a machine without CUDA still gets a plan, with fit unknown."""
     from shomin.tasks.models.environment import environment
-    from shomin.tasks.models.loading import resolve_device
     from shomin.tasks.models.memory import model_shape
     env = environment()
     device = "cuda" if p.device == "cuda" else resolve_device(p.device)

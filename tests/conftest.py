@@ -70,3 +70,22 @@ def isolated_state(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("SHOMIN_CACHE", os.environ.get("SHOMIN_TEST_CACHE", str(tmp_path / "cache")))
     yield
+
+
+# Tests grouped by layer (README "Tests"): `make test-fast` runs unit and stage tests,
+# `make test` everything. A module's tier is set here, once; `slow` marks what loads the
+# real embedded model or runs a whole pipeline.
+TIERS = {
+    "unit": {"test_ppo_math", "test_config", "test_data", "test_records", "test_reward", "test_env_check",
+             "test_layers", "test_levers", "test_fast_lora"},
+    "stage": {"test_ppo", "test_checkpointing", "test_embedded", "test_reliability"},
+    "e2e": {"test_pipeline", "test_deploy", "test_ui", "test_mlflow_plots", "test_resume", "test_bad_input"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        for tier, modules in TIERS.items():
+            if module in modules and not item.get_closest_marker(tier):
+                item.add_marker(getattr(pytest.mark, tier))

@@ -2,13 +2,11 @@
 keeping every activation, with layer inputs stored off the device and fetched back, and
 with the fused LoRA layers skipping the recompute of outputs that only feed a residual."""
 import pytest
+import torch
+from shomin.tasks.ground.settings import LoraSettings, ModelSpec
+from shomin.tasks.models.levers import checkpointing, fast_lora
 
 from tests.helpers import run_stage, stage_context  # noqa: F401
-import torch
-
-from shomin.tasks.models.levers import checkpointing
-from shomin.tasks.models.levers import fast_lora
-from shomin.tasks.ground.settings import LoraSettings, ModelSpec
 
 
 def tiny_neox(folder, parallel: bool):
@@ -23,9 +21,7 @@ def tiny_neox(folder, parallel: bool):
 
 def _grads(model_dir, mode: str, dropout: float, fused: bool = False):
     from peft import get_peft_model
-
-    from shomin.tasks.models.loading import load_causal_lm
-    from shomin.tasks.models.loading import lora_config
+    from shomin.tasks.models.loading import load_causal_lm, lora_config
     spec = ModelSpec(source=str(model_dir), quantization="none", dtype="float32")
     torch.manual_seed(0)
     model = get_peft_model(load_causal_lm(model_dir, spec, "cpu"),
@@ -93,12 +89,12 @@ def test_sft_stage_with_its_levers_trains_like_the_stock_recipe(tiny_model, tmp_
     the stage's own checkpointing, frozen weights at the compute dtype) against the stock
     recipe (PEFT layers, transformers' checkpointing, PEFT's k-bit preparation), dropout 0 so
     both draw nothing: the same losses step by step."""
-    from shomin.tasks.stages import dataset as data
-    from shomin.tasks.stages import sft
+    from shomin.tasks.ground.records import ModelResult
     from shomin.tasks.ground.settings import DatasetSpec
+    from shomin.tasks.stages import sft
     from shomin.tasks.stages.dataset import DatasetStageSettings
     from shomin.tasks.stages.sft import SftSettings
-    from shomin.tasks.ground.records import ModelResult
+
     from tests.conftest import ROOT
     d = run_stage("dataset", DatasetStageSettings(), tmp_path / "dataset", model=ModelSpec(source="-"), dataset=DatasetSpec(source=str(ROOT / "data" / "dolly-ja-sample.jsonl"),
                                                      max_rows=16, eval_fraction=0.25), seed=0)

@@ -4,10 +4,10 @@ import sys
 import textwrap
 
 import pytest
-
 from shomin.tasks.ground.errors import ConfigError
-from shomin.tasks.stages.sft import SftSettings
 from shomin.tasks.registry import load_config, load_pipeline
+from shomin.tasks.stages.sft import SftSettings
+
 from tests.conftest import ROOT
 
 MINIMAL = """

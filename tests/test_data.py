@@ -2,15 +2,13 @@
 import json
 
 import pytest
-
 from shomin.tasks.ground.rundir import read_jsonl
-from shomin.tasks.ground.settings import ModelSpec
-from tests.helpers import run_stage, stage_context  # noqa: F401
-
+from shomin.tasks.ground.settings import DatasetSpec, ModelSpec
 from shomin.tasks.stages import dataset as data
-from shomin.tasks.ground.settings import DatasetSpec
 from shomin.tasks.stages.dataset import DatasetStageSettings
+
 from tests.conftest import ROOT
+from tests.helpers import run_stage, stage_context  # noqa: F401
 
 
 def jsonl(tmp_path, rows, name="rows.jsonl"):

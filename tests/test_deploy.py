@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from shomin.flows.server import stop_process_group
+
 from tests.conftest import ROOT, tiny_chain
 
 STAGES = ["env_check", "model_init", "dataset", "sft", "merge", "evaluate"]
@@ -44,7 +44,6 @@ def shomin(*args, cwd, env=None, timeout=120):
 
 def test_prefect_yaml_names_real_entrypoints():
     from prefect.flows import load_flow_from_entrypoint
-
     from shomin.flows.deploy import prefect_yaml_deployments
     from shomin.tasks.registry import load_config
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())

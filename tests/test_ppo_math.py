@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from shomin.tasks.models.ppo_math import (
     AdaptiveKLController,
     FixedKLController,

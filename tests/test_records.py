@@ -2,10 +2,9 @@
 import json
 
 import pytest
-
-from shomin.tasks.ground.settings import Tracking
-from shomin.tasks.ground.rundir import RunDir, staged_dir
 from shomin.tasks.ground.records import StageResult
+from shomin.tasks.ground.rundir import RunDir, staged_dir
+from shomin.tasks.ground.settings import Tracking
 from shomin.tasks.ground.tracking import MAX_PARAM, Tracker, redact
 
 

@@ -9,17 +9,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import run_stage, stage_context  # noqa: F401
 import torch
 import yaml
-
-from shomin.tasks.stages.evaluate import EvaluateSettings
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec
+from shomin.tasks.stages.evaluate import EvaluateSettings
 from shomin.tasks.stages.merge import MergeSettings
 from shomin.tasks.stages.ppo import PpoSettings
 from shomin.tasks.stages.sft import SftSettings
+
 from tests.conftest import ROOT
+from tests.helpers import run_stage, stage_context  # noqa: F401
 
 DOLLY = ROOT / "data" / "dolly-ja-sample.jsonl"
 
@@ -100,7 +99,8 @@ def test_oom_message_reads_the_runs_own_memory_plan(tmp_path, tiny_model):
     cfg = write_pipeline(tmp_path, tiny_model, "max_steps: 2")
     p = load_pipeline(cfg, "tiny")
     plan = plan_context(p)      # what the flow hands every stage after env_check
-    res = run_stage("env_check", p.stages.env_check, tmp_path / "env_check", model=p.model, plan=plan)
+    from shomin.tasks.stages.env_check import EnvCheckSettings
+    res = run_stage("env_check", EnvCheckSettings(), tmp_path / "env_check", model=p.model, plan=plan)
     sft_ctx = stage_context("sft", p.stages.sft, tmp_path / "sft", model=p.model, plan=plan)
     assert sft_ctx.planned_peak_gib() == pytest.approx(res.plan["stages"]["sft"]["total"] / 2**30)
     assert sft_ctx.planned_peak_gib("ppo") is None          # no ppo in this plan
@@ -111,8 +111,7 @@ def test_oom_inside_a_stage_is_exit_1_with_the_advice(tmp_path, tiny_model, monk
     """The mapping StageFailed -> exit code, in process: a user mistake found inside a stage is 2, OOM is 1."""
     import shomin.flows.pipeline
     from shomin.flows import cli
-    from shomin.tasks.ground.errors import ConfigError
-    from shomin.tasks.ground.errors import OutOfMemory
+    from shomin.tasks.ground.errors import ConfigError, OutOfMemory
     from shomin.tasks.models.memory import oom_message
     cfg = write_pipeline(tmp_path, tiny_model, "max_steps: 2")
     monkeypatch.chdir(tmp_path)
@@ -170,9 +169,7 @@ def test_two_runs_at_once_keep_to_their_own_folders_and_mlflow_runs(tmp_path, ti
 def _lora_grads(tiny_model, compute_dtype: str, guard: bool, eval_first: bool) -> dict:
     import bitsandbytes as bnb
     from peft import get_peft_model
-
-    from shomin.tasks.models.loading import guard_bnb_cpu, load_causal_lm
-    from shomin.tasks.models.loading import lora_config
+    from shomin.tasks.models.loading import guard_bnb_cpu, load_causal_lm, lora_config
     spec = ModelSpec(source=str(tiny_model), quantization="4bit", compute_dtype=compute_dtype)
     lm = load_causal_lm(tiny_model, spec, "cpu")   # guards on load
     layers = [m for m in lm.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -235,9 +232,8 @@ def narrow_model(tmp_path_factory, tiny_model):
 
 def _adapter(base_folder: Path, dest: Path) -> Path:
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from shomin.tasks.models.loading import lora_config
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_folder), lora_config(LoraSettings(r=4, alpha=8)))
     for name, p in model.named_parameters():
@@ -248,15 +244,13 @@ def _adapter(base_folder: Path, dest: Path) -> Path:
 
 
 def _results(model_folder, adapter):
-    from shomin.tasks.ground.records import ModelResult
-    from shomin.tasks.ground.records import SftResult
+    from shomin.tasks.ground.records import ModelResult, SftResult
     return (ModelResult(stage="model_init", output_dir="-", model_path=str(model_folder), tokenizer_path=str(model_folder),
                         num_parameters=1, architecture="LlamaForCausalLM"),
             SftResult(stage="sft", output_dir="-", adapter_path=str(adapter), steps=1))
 
 
 def test_merge_refuses_an_adapter_of_another_base(tmp_path, tiny_model, narrow_model):
-    from shomin.tasks.stages import merge
     from shomin.tasks.ground.errors import ConfigError
     adapter = _adapter(narrow_model, tmp_path / "adapter")
     model_res, sft_res = _results(tiny_model, adapter)
@@ -283,8 +277,6 @@ def test_merge_of_a_4bit_pipeline_loads_the_base_unquantized(tmp_path, tiny_mode
     from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
-
-    from shomin.tasks.stages import merge
     adapter = _adapter(tiny_model, tmp_path / "adapter")
     model_res, sft_res = _results(tiny_model, adapter)
     spec = ModelSpec(source=str(tiny_model), quantization="4bit", compute_dtype="float32")   # QLoRA pipeline
@@ -311,7 +303,7 @@ def test_shipped_pipelines_never_trust_remote_code():
     raw = yaml.safe_load((ROOT / "pipelines.yaml").read_text(encoding="utf-8"))
     from shomin.tasks.registry import load_config
     config = load_config(ROOT / "pipelines.yaml")
-    for name, p in config.pipelines.items():
+    for name, p in config.items():
         assert p.model.trust_remote_code is False, name
         assert "trust_remote_code" not in json.dumps(raw["pipelines"][name]), name   # not even spelled out as false
         if p.stages.ppo:
@@ -322,7 +314,6 @@ def test_shipped_pipelines_never_trust_remote_code():
 
 def test_every_load_passes_trust_remote_code_from_the_pipeline_and_safetensors_only(tmp_path, tiny_model, monkeypatch):
     import transformers
-
     from shomin.tasks.models import loading as model
     from shomin.tasks.stages.model_init import ModelInitSettings
     calls = []

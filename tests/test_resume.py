@@ -6,9 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch

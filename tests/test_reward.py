@@ -7,9 +7,8 @@ from pathlib import Path
 import pydantic
 import pytest
 import torch
-
-from shomin.tasks.ground.settings import DEFAULT_CLASSIFIER, RewardSettings
 from shomin.tasks.ground.errors import RewardError
+from shomin.tasks.ground.settings import DEFAULT_CLASSIFIER, RewardSettings
 from shomin.tasks.models.reward import build_reward
 
 TESTS_DIR = Path(__file__).resolve().parent

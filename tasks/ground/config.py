@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-
 from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.yamlio import YamlError, load_yaml, parse_scalar
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict
-
 from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.settings import DatasetSpec, ModelSpec
 

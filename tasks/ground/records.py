@@ -7,7 +7,6 @@ nobody reads may define its own subclass of `StageResult` in its module.
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
-
 from shomin.tasks.ground.settings import RewardSettings
 
 

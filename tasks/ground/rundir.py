@@ -121,4 +121,4 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def markdown_cell(text: object, width: int = 300) -> str:
     """Text safe inside a markdown table cell: pipes escaped, newlines as <br>, cut to `width`."""
-    return "—" if text is None else str(text).replace("|", "\\|").replace("\n", "<br>")[:width]
+    return "—" if text is None else (str(text).replace("|", "\\|").replace("\n", "<br>")[:width] or "(empty)")

@@ -77,6 +77,7 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
+        self.stage_runs: dict[str, str] = {}   # stage -> the child run this tracker created for it
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
@@ -97,6 +98,7 @@ class Tracker:
                                      tags={**tags, "mlflow.parentRunId": self.parent_id, "stage": stage,
                                            "status": status})
         rid = run.info.run_id
+        self.stage_runs[stage] = rid
         self._log_params(rid, settings)
         now = int(time.time() * 1000)
         if result is not None:
@@ -128,6 +130,74 @@ class Tracker:
             now = int(time.time() * 1000)
             self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
         self.client.set_terminated(self.parent_id, "FINISHED" if status == "completed" else "FAILED")
+
+
+    # ------------------------------------------------------------ after the stages (flows/artifacts.py)
+
+    def tag(self, tags: dict[str, str], stages: bool = False) -> None:
+        """Tags on the parent run (and every stage run, with `stages`); empty values are skipped."""
+        for rid in [self.parent_id, *(self.stage_runs.values() if stages else [])]:
+            for k, v in tags.items():
+                if v:
+                    self.client.set_tag(rid, k, v)
+
+    def parent_tag(self, key: str) -> str | None:
+        return self.client.get_run(self.parent_id).data.tags.get(key)
+
+    def log_file(self, path: str | Path, folder: str, stage: str | None = None) -> None:
+        """A file on the parent run, and on `stage`'s run when given."""
+        for rid in filter(None, (self.stage_runs.get(stage) if stage else None, self.parent_id)):
+            self.client.log_artifact(rid, str(path), folder)
+
+    def log_table(self, data: dict[str, list], name: str, stage: str | None = None) -> None:
+        for rid in filter(None, (self.stage_runs.get(stage) if stage else None, self.parent_id)):
+            self.client.log_table(rid, data=data, artifact_file=name)
+
+    def register(self, model_name: str, stage: str, path: str | Path, kind: str, run_id: str) -> dict | None:
+        """`path` (a stage's output) as a new version of MLflow model `model_name`: from the stage
+        run's artifacts when it logged them (small enough), else from the local path."""
+        from mlflow.exceptions import MlflowException
+        rid = self.stage_runs.get(stage)
+        if rid is None:
+            return None
+        sub = Path(path).name
+        logged = {a.path for a in self.client.list_artifacts(rid)}
+        source = f"runs:/{rid}/{sub}" if sub in logged else Path(path).resolve().as_uri()
+        try:
+            self.client.get_registered_model(model_name)
+        except MlflowException:
+            self.client.create_registered_model(model_name, description=f"shomin pipeline {model_name}")
+        mv = self.client.create_model_version(model_name, source, run_id=rid,
+                                              tags={"kind": kind, "run_id": run_id, "stage": stage},
+                                              description=f"{kind} of run {run_id}")
+        self.client.set_tag(self.parent_id, "registered_model", f"{model_name}/{mv.version}")
+        return {"name": model_name, "version": mv.version, "source": source, "kind": kind}
+
+
+def recent_runs(tracking: Tracking, pipeline: str, workdir: str | Path, limit: int, metrics: tuple[str, ...]) -> list[dict]:
+    """The newest parent runs of `pipeline` in its MLflow store (for `shomin runs`); an absent
+    sqlite store is not created just to be listed."""
+    uri = tracking_uri(tracking, workdir)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(tracking.experiment or pipeline)
+    if exp is None:
+        return []
+    out = []
+    for r in client.search_runs([exp.experiment_id], filter_string=f"tags.pipeline = '{pipeline}'",
+                                order_by=["attributes.start_time DESC"], max_results=limit * 10):
+        tags = r.data.tags
+        if "mlflow.parentRunId" in tags or "run_id" not in tags:
+            continue
+        seconds = (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time and r.info.start_time else None
+        out.append({"pipeline": pipeline, "run_id": tags["run_id"], "mlflow_run_id": r.info.run_id,
+                    "mlflow_status": r.info.status, "seconds": seconds, "start_ms": r.info.start_time,
+                    "metrics": {k: r.data.metrics[k] for k in metrics if k in r.data.metrics}})
+        if len(out) >= limit:
+            break
+    return out
 
 
 def curve_metrics(result: StageResult) -> list:

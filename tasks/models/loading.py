@@ -6,11 +6,9 @@ guard that keeps bitsandbytes 4-bit gradients right on CPU.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import torch
-
 from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec
 

@@ -47,6 +47,7 @@ evaluate = weights + max(one layer's activations + fp32 logits, generation KV ca
 Checked against peaks measured on an H100 by bench/plan_check.py (bench/results.json),
 stock and shomin SFT on llama7b/neox7b and PPO on neox20b (README "Benchmarks").
 """
+# Over ~300 lines because of the docstring above: it states every formula the plan uses.
 from __future__ import annotations
 
 import importlib.metadata
@@ -57,7 +58,6 @@ from typing import Callable
 
 import torch
 from pydantic import BaseModel
-
 from shomin.tasks.ground import hub
 from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.settings import EMBEDDED_PREFIX, LoraSettings, ModelSpec

@@ -13,8 +13,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.records import PolicyRecord
 from shomin.tasks.ground.rundir import read_jsonl
@@ -22,6 +20,7 @@ from shomin.tasks.ground.settings import ModelSpec
 from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from shomin.tasks.models.ppo_math import logprobs_from_logits
 from shomin.tasks.models.reward import build_reward
+from torch import nn
 
 
 class PolicyWithValue(nn.Module):

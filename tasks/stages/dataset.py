@@ -16,11 +16,9 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaErrors
-
 from pydantic import Field
-
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
-from shomin.tasks.ground.errors import ConfigError, DataError
+from shomin.tasks.ground.errors import DataError
 from shomin.tasks.ground.records import DataResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import DatasetSpec, Strict

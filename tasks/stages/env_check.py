@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from pydantic import Field
-
 from shomin.tasks.ground.contract import GIB, Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError, MemoryPlanError
 from shomin.tasks.ground.records import EnvResult

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.records import EvalResult
 from shomin.tasks.ground.rundir import markdown_cell, read_jsonl, staged_dir, write_json, write_text

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field
-
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.records import MergeResult, ModelResult

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from pydantic import Field
-
 from shomin.tasks.ground import hub
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.records import ModelResult

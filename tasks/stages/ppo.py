@@ -25,7 +25,6 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
-
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import TrainingDiverged
@@ -34,8 +33,15 @@ from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
 from shomin.tasks.models import memory as mem
 from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, lora_config
-from shomin.tasks.models.ppo_math import (clipped_policy_loss, clipped_value_loss, entropy_from_logits, gae,
-                                          kl_controller, shaped_rewards, whiten)
+from shomin.tasks.models.ppo_math import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae,
+    kl_controller,
+    shaped_rewards,
+    whiten,
+)
 from shomin.tasks.models.reward import build_reward, check_reward
 from shomin.tasks.models.rl import PolicyWithValue, build_queries, eos_token_ids, forward, rollout, score
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
-
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError, TrainingDiverged

@@ -81,8 +81,9 @@ def _lora_layer():
     import torch
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
-    host = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    model = get_peft_model(host, LoraConfig(r=2, lora_alpha=2, lora_dropout=0.1, target_modules=["0"]))
+    with torch.random.fork_rng(devices=[]):   # drawing its weights must not move the stage's random numbers
+        host = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        model = get_peft_model(host, LoraConfig(r=2, lora_alpha=2, lora_dropout=0.1, target_modules=["0"]))
     return next(m for m in model.modules() if isinstance(m, LoraLayer))
 
 

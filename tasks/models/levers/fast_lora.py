@@ -27,7 +27,6 @@ from __future__ import annotations
 import types
 
 import torch
-
 from shomin.tasks.models.levers.checkpointing import fetch, recomputing, stash
 
 

@@ -14,7 +14,6 @@ import importlib.util
 from typing import Callable
 
 import torch
-
 from shomin.tasks.ground.errors import ConfigError
 
 LIGER_ARCHS = {"llama", "mistral", "mixtral", "gemma", "gemma2", "qwen2", "qwen3", "phi3", "granite", "olmo2"}
