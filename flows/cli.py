@@ -17,6 +17,9 @@ def _quiet_environment() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect's ephemeral API server gets 20 s to start by default; on a busy 2-core laptop that
+    # is not always enough (seen here), and the whole run then fails before its first stage
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
         os.environ["PREFECT_HOME"] = str(Path(".prefect").resolve())
 

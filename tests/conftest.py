@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # as the CLI: busy 2-core CI
 sys.path.insert(0, str(ROOT))
 # One Prefect home for the whole session, set before prefect is imported anywhere:
 # in-process clients and `shomin` subprocesses then see the same database.
@@ -77,7 +78,8 @@ def isolated_state(tmp_path, monkeypatch):
 # real embedded model or runs a whole pipeline.
 TIERS = {
     "unit": {"test_ppo_math", "test_config", "test_data", "test_records", "test_reward", "test_env_check",
-             "test_layers", "test_levers", "test_fast_lora"},
+             "test_layers", "test_levers", "test_fast_lora", "test_stats",
+             "test_compare"},
     "stage": {"test_ppo", "test_checkpointing", "test_embedded", "test_reliability"},
     "e2e": {"test_pipeline", "test_deploy", "test_ui", "test_mlflow_plots", "test_resume", "test_bad_input"},
 }

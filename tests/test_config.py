@@ -142,3 +142,18 @@ def test_cli_bad_dataset_row_exit_2_before_any_model(tmp_path):
     assert r.returncode == 2
     assert "row 2: column 'output': empty or whitespace-only" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("stages,dataset,field", [
+    ("ppo: {lora: {dropout: 0.05}}", "", "lora.dropout"),                      # PPO's policy stays in eval mode
+    ("ppo: {reward: {kind: vader, positive_label: POS}}", "", "positive_label"),  # a classifier-only field
+    ("", ", format: text, template: {response: '{output}'}", "template"),       # text rows are not templated
+    ("", ", format: instruction, text_column: body", "text_column"),
+])
+def test_a_setting_that_would_do_nothing_is_refused(tmp_path, stages, dataset, field):
+    body = (f"pipelines:\n  p:\n    model: {{source: x/y}}\n    dataset: {{source: d.jsonl{dataset}}}\n"
+            f"    stages:\n      model_init:\n      dataset:\n      sft:\n      merge:\n"
+            + (f"      {stages}\n" if stages else ""))
+    with pytest.raises(ConfigError, match=field) as err:
+        load_pipeline(write(tmp_path, body), "p")
+    assert "\n" not in str(err.value)

@@ -166,19 +166,26 @@ def test_evaluate_policy(tiny_model, tmp_path):
     s, spec = settings(), ModelSpec(source=str(tiny_model))
     fresh = tmp_path / "fresh"
     get_peft_model(load_causal_lm(tiny_model, spec, "cpu"), lora_config(s.lora)).save_pretrained(fresh)
-    out = rl.evaluate_policy(str(tiny_model), str(fresh), spec, s, QUERIES, seed=3, max_new_tokens=5)
-    assert out["kl_ppo"] == 0.0  # a fresh adapter is the SFT model: same samples, zero KL
-    assert out["reward_ppo"] == out["reward_sft"]
+    state = torch.get_rng_state()
+    out = rl.evaluate_policy(str(tiny_model), str(fresh), spec, s, QUERIES, seed=3, samples=3, max_new_tokens=5)
+    assert torch.equal(torch.get_rng_state(), state)   # the caller's random numbers are not touched
+    # a fresh adapter is the SFT model: the same samples on both sides, so a gain and a KL of exactly 0
+    assert out["kl_ppo"] == 0.0 and out["kl_ppo_se"] == 0.0
+    assert out["reward_gain"] == 0.0 and out["reward_gain_se"] == 0.0
+    assert out["reward_ppo"] == out["reward_sft"] and out["reward_ppo_se"] == out["reward_sft_se"]
     assert [x["sft"] for x in out["samples"]] == [x["ppo"] for x in out["samples"]]
     assert [x["query"] for x in out["samples"]] == QUERIES
+    assert out["samples_per_query"] == 3 and out["n_queries"] == len(QUERIES)
 
     merge, data = inputs(tmp_path, tiny_model, [{"prompt": q, "completion": "x"} for q in QUERIES])
     trained = run_stage("ppo", settings(steps=3, learning_rate=2e-2), tmp_path / "ppo", model=spec,
                         inputs={"merge": merge, "dataset": data})
-    out = rl.evaluate_policy(str(tiny_model), trained.adapter_path, spec, s, QUERIES, seed=3)
-    assert all(math.isfinite(out[k]) for k in ("reward_sft", "reward_ppo", "kl_ppo"))
-    assert out["kl_ppo"] > -0.5  # an unbiased estimate of a KL: non-negative up to sampling noise
-    assert len(out["samples"]) == len(QUERIES)
+    one = rl.evaluate_policy(str(tiny_model), trained.adapter_path, spec, s, QUERIES, seed=3)
+    assert all(math.isfinite(one[k]) for k in ("reward_sft", "reward_ppo", "kl_ppo", "reward_gain_se"))
+    assert one["kl_ppo"] > -0.5  # an unbiased estimate of a KL: non-negative up to sampling noise
+    assert len(one["samples"]) == len(QUERIES)
+    many = rl.evaluate_policy(str(tiny_model), trained.adapter_path, spec, s, QUERIES, seed=3, samples=8)
+    assert many["reward_gain_se"] < one["reward_gain_se"] and many["kl_ppo_se"] < one["kl_ppo_se"]
 
 
 def test_build_queries_takes_openings_or_prompts(tiny_model, tmp_path):
