@@ -77,20 +77,32 @@ def curve_log(results: dict, summary: dict, stage: str) -> list[dict]:
 
 
 def eval_rows(report: dict) -> list[dict]:
-    """metric | before | after, the numbers people compare."""
+    """metric | before | after, the numbers people compare; with `*_se` (standard errors) and the
+    paired `change` where evaluate measured them."""
     rows = []
     for name in ("loss", "perplexity"):
         if f"{name}_before" in report or f"{name}_after" in report:
-            rows.append({"metric": name, "before": _num(report.get(f"{name}_before")),
-                         "after": _num(report.get(f"{name}_after"))})
+            rows.append(_with_se({"metric": name, "before": _num(report.get(f"{name}_before")),
+                                  "after": _num(report.get(f"{name}_after"))}, report,
+                                 f"{name}_before", f"{name}_after", f"{name}_change"))
     if "reward_sft" in report or "reward_ppo" in report:
-        rows.append({"metric": "reward", "before": _num(report.get("reward_sft")),
-                     "after": _num(report.get("reward_ppo"))})
+        rows.append(_with_se({"metric": "reward", "before": _num(report.get("reward_sft")),
+                              "after": _num(report.get("reward_ppo"))}, report, "reward_sft", "reward_ppo", "reward_gain"))
     if "kl_ppo" in report:
-        rows.append({"metric": "kl_to_reference", "before": 0.0, "after": _num(report.get("kl_ppo"))})
+        rows.append(_with_se({"metric": "kl_to_reference", "before": 0.0, "after": _num(report.get("kl_ppo"))},
+                             report, None, "kl_ppo", None))
     if "n_eval_rows" in report:
         rows.append({"metric": "eval_rows", "before": report["n_eval_rows"], "after": report["n_eval_rows"]})
     return rows
+
+
+def _with_se(row: dict, report: dict, before: str | None, after: str | None, change: str | None) -> dict:
+    for key, name in (("before_se", before), ("after_se", after), ("change_se", change)):
+        if name and f"{name}_se" in report:
+            row[key] = _num(report[f"{name}_se"])
+    if change and change in report:
+        row["change"] = _num(report[change])
+    return row
 
 
 def _num(v: Any) -> float | None:
@@ -165,8 +177,10 @@ def prefect_artifacts(summary: dict, results: dict, mlflow_url: str | None) -> l
     if report:
         key = artifact_key(pipeline, "evaluation")
         # numbers as text: the Prefect UI's table shows floats rounded to integers
-        shown = [{"metric": r["metric"], "before": _fmt(r["before"]), "after": _fmt(r["after"]),
-                  "change": _change(r["before"], r["after"])} for r in eval_rows(report)]
+        shown = [{"metric": r["metric"], "before": _pm(r["before"], r.get("before_se")),
+                  "after": _pm(r["after"], r.get("after_se")),
+                  "change": _pm(r["change"], r.get("change_se")) if "change" in r else _change(r["before"], r["after"])}
+                 for r in eval_rows(report)]
         create_table_artifact(shown, key=key,
                               description=f"**Evaluation** of {pipeline} run `{run_id}`: metrics before / after")
         keys.append(key)
@@ -220,6 +234,11 @@ def _change(before: Any, after: Any) -> str:
         return "—"
     pct = f" ({(after - before) / abs(before) * 100:+.1f}%)" if before else ""
     return f"{after - before:+.4g}{pct}"
+
+
+def _pm(v: Any, se: Any) -> str:
+    """A figure and its standard error, as text."""
+    return _fmt(v) + (f" ± {se:.2g}" if isinstance(se, (int, float)) and se == se else "")
 
 
 def _fmt(v: Any) -> str:

@@ -199,6 +199,18 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from shomin.flows.compare import compare, find_run, metrics_of, render
+    a, b = find_run(args.run_a), find_run(args.run_b)
+    rows = compare(metrics_of(a), metrics_of(b))
+    if args.json:
+        import json
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(render(rows, f"A: {a.parent.name}/{a.name}", f"B: {b.parent.name}/{b.name}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shomin", description="Declarative LLM fine-tuning pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--no-mlflow", action="store_true", help="only summary.json files")
     ru.add_argument("--json", action="store_true")
     ru.set_defaults(fn=cmd_runs)
+    co = sub.add_parser("compare", help="two runs' metrics side by side, with standard errors and what is within noise")
+    co.add_argument("run_a", help="a run folder (runs/PIPELINE/RUN_ID) or PIPELINE/RUN_ID")
+    co.add_argument("run_b")
+    co.add_argument("--json", action="store_true")
+    co.set_defaults(fn=cmd_compare)
     return parser
 
 

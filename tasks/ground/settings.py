@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_CLASSIFIER = "lvwerra/distilbert-imdb"
+CLASSIFIER_ONLY = frozenset({"model", "positive_label", "output", "batch_size", "trust_remote_code"})
+
+
+def changed(model: BaseModel, field: str) -> bool:
+    """Whether a field holds something other than its default (a setting someone meant)."""
+    info = type(model).model_fields[field]
+    return getattr(model, field) != info.get_default(call_default_factory=True)
 
 
 class Strict(BaseModel):
@@ -56,6 +63,14 @@ class DatasetSpec(Strict):
     eval_max_rows: int | None = Field(None, gt=0, description="Cap on held-out rows.")
     max_rows: int | None = Field(None, gt=0, description="Use only this many rows (after a seeded shuffle).")
     allow_extra_columns: bool = Field(False, description="Ignore columns beyond the ones the format needs (hub sets often carry ids, categories).")
+
+    @model_validator(mode="after")
+    def _used_by_the_format(self) -> "DatasetSpec":
+        # a setting the chosen format never reads would silently do nothing
+        unused = {"instruction": "text_column", "text": "template"}[self.format]
+        if changed(self, unused):
+            raise ValueError(f"`{unused}` is not used with format {self.format!r}; remove it or change `format`")
+        return self
 
 
 class Tracking(Strict):
@@ -143,6 +158,10 @@ class RewardSettings(Strict):
                 f"`function` is only used with kind 'function', but kind is {self.kind!r}; "
                 "remove `function` or set kind: function"
             )
+        ignored = [] if self.kind == "hf-classifier" else sorted(f for f in CLASSIFIER_ONLY if changed(self, f))
+        if ignored:
+            raise ValueError(f"`{ignored[0]}` is only used with kind 'hf-classifier', but kind is {self.kind!r}; "
+                             f"remove it or set kind: hf-classifier")
         if self.kind == "hf-classifier" and self.model is None:
             self.model = DEFAULT_CLASSIFIER
         return self

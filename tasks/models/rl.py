@@ -18,6 +18,7 @@ from shomin.tasks.ground.records import PolicyRecord
 from shomin.tasks.ground.rundir import read_jsonl
 from shomin.tasks.ground.settings import ModelSpec
 from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, resolve_device
+from shomin.tasks.models import stats
 from shomin.tasks.models.ppo_math import logprobs_from_logits
 from shomin.tasks.models.reward import build_reward
 from torch import nn
@@ -107,16 +108,25 @@ def score(reward_fn, tok, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_policy(merged_path: str, adapter_path: str, spec: ModelSpec, settings: PolicyRecord,
-                    queries: list[str], *, device: str = "cpu", seed: int = 0, max_new_tokens: int | None = None) -> dict:
-    """Reward of the SFT model vs the PPO policy on the same queries, and the policy's KL from the SFT model.
+                    queries: list[str], *, device: str = "cpu", seed: int = 0, samples: int = 1,
+                    max_new_tokens: int | None = None) -> dict:
+    """Reward of the SFT model vs the PPO policy on the same queries, and the policy's KL from the SFT model,
+    each with its standard error across queries (tasks/models/stats.py).
 
     Both sides *sample* with the training settings (top_k/top_p/temperature), up to max_new_tokens
-    (default response_max_tokens), reseeded identically per batch so they share random numbers. KL is
+    (default response_max_tokens), `samples` times per query; for each sample and batch both sides
+    are seeded alike, so they share random numbers and the gain is a paired difference. KL is
     sum(logp_policy - logp_sft) over the policy's own samples: an unbiased estimate of KL(policy || SFT).
-    One model in memory: the SFT side is the same model under disable_adapter().
+    One model in memory: the SFT side is the same model under disable_adapter(). The caller's random
+    state is left as it was.
     """
-    from peft import PeftModel
     device = resolve_device(device)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith("cuda") else []):
+        return _evaluate(merged_path, adapter_path, spec, settings, queries, device, seed, samples, max_new_tokens)
+
+
+def _evaluate(merged_path, adapter_path, spec, settings, queries, device, seed, samples, max_new_tokens) -> dict:
+    from peft import PeftModel
     tok = load_tokenizer(merged_path, spec.trust_remote_code)
     tok.padding_side = "left"
     lm = PeftModel.from_pretrained(load_causal_lm(merged_path, spec, device, quantization=settings.quantization),
@@ -125,24 +135,44 @@ def evaluate_policy(merged_path: str, adapter_path: str, spec: ModelSpec, settin
     reward_fn = build_reward(settings.reward, device)
     eos_ids = eos_token_ids(tok, lm, lm.device)
     length = max_new_tokens or settings.response_max_tokens
-    samples, kls = [], []
-    for i in range(0, len(queries), settings.batch_size):
-        chunk, sides = queries[i:i + settings.batch_size], {}
-        for side in ("sft", "ppo"):
-            torch.manual_seed(seed + i)
-            with lm.disable_adapter() if side == "sft" else nullcontext():
-                batch = rollout(policy, tok, chunk, settings, length, eos_ids)
-            scores = score(reward_fn, tok, batch)
-            texts = [tok.decode(r[m.bool()], skip_special_tokens=True)
-                     for r, m in zip(batch["response"], batch["response_mask"])]
-            sides[side] = (texts, scores.tolist())
-        logprobs, _, _ = forward(policy, batch)  # batch = the policy's own samples
-        with lm.disable_adapter():
-            ref_logprobs, _, _ = forward(policy, batch)
-        kls += ((logprobs - ref_logprobs) * batch["response_mask"]).sum(1).tolist()
-        (sft_texts, sft_scores), (ppo_texts, ppo_scores) = sides["sft"], sides["ppo"]
-        samples += [{"query": q, "sft": s, "ppo": p, "reward_sft": rs, "reward_ppo": rp}
-                    for q, s, p, rs, rp in zip(chunk, sft_texts, ppo_texts, sft_scores, ppo_scores)]
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    return {"reward_sft": mean([s["reward_sft"] for s in samples]), "reward_ppo": mean([s["reward_ppo"] for s in samples]),
-            "kl_ppo": mean(kls), "samples": samples}
+    per_query = {side: [[] for _ in queries] for side in ("sft", "ppo", "kl")}
+    shown: list[dict] = []
+    for k in range(samples):
+        for i in range(0, len(queries), settings.batch_size):
+            chunk = queries[i:i + settings.batch_size]
+            texts, scores, kls = _paired_batch(policy, tok, chunk, settings, length, eos_ids, reward_fn,
+                                               seed=seed * 1_000_003 + k * 10_007 + i)
+            for j in range(len(chunk)):
+                for side in ("sft", "ppo"):
+                    per_query[side][i + j].append(scores[side][j])
+                per_query["kl"][i + j].append(kls[j])
+            if k == 0:
+                shown += [{"query": q, "sft": s, "ppo": p, "reward_sft": rs, "reward_ppo": rp}
+                          for q, s, p, rs, rp in zip(chunk, texts["sft"], texts["ppo"], scores["sft"], scores["ppo"])]
+    return {**paired_report(per_query), "samples_per_query": samples, "n_queries": len(queries), "samples": shown}
+
+
+def _paired_batch(policy, tok, chunk, settings, length, eos_ids, reward_fn, seed: int):
+    """One batch sampled by both sides with the same random numbers; KL on the policy's own samples."""
+    lm, texts, scores = policy.lm, {}, {}
+    for side in ("sft", "ppo"):
+        torch.manual_seed(seed)
+        with lm.disable_adapter() if side == "sft" else nullcontext():
+            batch = rollout(policy, tok, chunk, settings, length, eos_ids)
+        scores[side] = score(reward_fn, tok, batch).tolist()
+        texts[side] = [tok.decode(r[m.bool()], skip_special_tokens=True)
+                       for r, m in zip(batch["response"], batch["response_mask"])]
+    logprobs, _, _ = forward(policy, batch)  # batch = the policy's own samples
+    with lm.disable_adapter():
+        ref_logprobs, _, _ = forward(policy, batch)
+    return texts, scores, ((logprobs - ref_logprobs) * batch["response_mask"]).sum(1).tolist()
+
+
+def paired_report(per_query: dict[str, list[list[float]]]) -> dict:
+    """Per-query means of K samples, then mean ± standard error across queries; the gain paired."""
+    sft, ppo, kl = ([stats.mean(v) for v in per_query[side]] for side in ("sft", "ppo", "kl"))
+    out = {}
+    for name, values in (("reward_sft", sft), ("reward_ppo", ppo), ("kl_ppo", kl)):
+        out[name], out[f"{name}_se"] = stats.mean_se(values)
+    out["reward_gain"], out["reward_gain_se"] = stats.paired(sft, ppo)
+    return out

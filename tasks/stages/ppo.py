@@ -49,7 +49,9 @@ from shomin.tasks.models.rl import PolicyWithValue, build_queries, eos_token_ids
 class PpoSettings(Strict):
     reward: RewardSettings = Field(default_factory=RewardSettings)
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="Load the merged policy base quantized (the seed used 8bit).")
-    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.05))
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings(r=16, alpha=32, dropout=0.0),
+                               description="The policy's LoRA. dropout must be 0: the policy stays in eval mode so "
+                                           "the PPO ratio and the KL are taken on the very function that sampled.")
     steps: int = Field(20, gt=0, description="PPO steps (rollout + update each).")
     batch_size: int = Field(16, gt=0, description="Queries per PPO step.")
     mini_batch_size: int = Field(4, gt=0)
@@ -82,6 +84,9 @@ class PpoSettings(Strict):
             raise ValueError("query_min_tokens must be <= query_max_tokens")
         if self.response_min_tokens > self.response_max_tokens:
             raise ValueError("response_min_tokens must be <= response_max_tokens")
+        if self.lora.dropout:
+            raise ValueError(f"lora.dropout {self.lora.dropout} would have no effect: the PPO policy stays in eval mode "
+                             "so the ratio and KL are taken on the function that sampled; set lora.dropout: 0")
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size {self.mini_batch_size}")
         return self
