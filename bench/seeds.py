@@ -54,18 +54,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first", type=int, default=1)
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--json", default=None, help="append the result as one JSON line to this file")
+    ap.add_argument("--json", default=None, help="append each run, then the summary, as JSON lines to this file")
     args = ap.parse_args()
     runs = []
     for seed in range(args.first, args.first + args.seeds):
         runs.append(run_seed(args.pipeline, seed, args.set))
         print(json.dumps(runs[-1]), flush=True)
+        if args.json:   # as it goes: a long sweep cut short keeps the seeds it finished
+            with open(args.json, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"pipeline": args.pipeline, "overrides": args.set, **runs[-1]}) + "\n")
     table = summarise(runs)
     result = {"pipeline": args.pipeline, "seeds": [r["seed"] for r in runs], "overrides": args.set,
               "seconds_per_run": [r["seconds"] for r in runs], "metrics": table, "runs": runs}
     if args.json:
         with open(args.json, "a", encoding="utf-8") as f:
-            f.write(json.dumps(result) + "\n")
+            f.write(json.dumps({k: v for k, v in result.items() if k != "runs"}) + "\n")
     print(f"\n{args.pipeline}, seeds {result['seeds']}: mean ± spread across seeds (mean of the runs' own SE)")
     for name in [n for n in HEADLINE if n in table] + [n for n in table if n not in HEADLINE]:
         t = table[name]

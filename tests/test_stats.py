@@ -54,3 +54,14 @@ def test_within_noise():
     assert stats.within_noise(0.30, 0.05, 0.36, 0.05) is True
     assert stats.within_noise(0.30, 0.01, 0.36, 0.01) is False
     assert stats.within_noise(0.30, float("nan"), 0.36, 0.01) is None
+
+
+def test_evaluate_reports_the_loss_with_error_bars_and_refuses_a_loss_over_no_tokens():
+    from shomin.tasks.ground.errors import ConfigError
+    from shomin.tasks.stages.evaluate import loss_report
+    before, after = ([4.0, 6.0, 9.0], [2, 2, 3]), ([3.0, 5.0, 6.0], [2, 2, 3])
+    r = loss_report(before, after, 64)
+    assert r["loss_before"] == pytest.approx(19 / 7) and r["loss_after"] == pytest.approx(14 / 7)
+    assert r["loss_change"] == pytest.approx(-5 / 7) and r["loss_change_se"] > 0 and r["n_eval_rows"] == 3
+    with pytest.raises(ConfigError, match="max_seq_length: no held-out row keeps a scored token within 48"):
+        loss_report(([0.0, 0.0], [0, 0]), None, 48)

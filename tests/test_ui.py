@@ -18,7 +18,7 @@ from tests.conftest import ROOT, tiny_chain
 
 STAGES = ["env_check", "model_init", "dataset", "sft", "merge", "evaluate"]
 SFT = "max_steps: 2, batch_size: 4, micro_batch_size: 4, max_seq_length: 48, learning_rate: 0.01, save_steps: 2, logging_steps: 1"
-EVALUATE = "max_rows: 4, num_prompts: 2, max_new_tokens: 4, max_seq_length: 48"
+EVALUATE = "max_rows: 4, num_prompts: 2, max_new_tokens: 4, max_seq_length: 160"
 
 
 def output_dir() -> Path:

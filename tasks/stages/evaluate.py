@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
+from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.records import EvalResult
 from shomin.tasks.ground.rundir import markdown_cell, read_jsonl, staged_dir, write_json, write_text
 from shomin.tasks.ground.settings import Strict
@@ -97,8 +98,12 @@ def _measure(model, tok, rows, prompts, settings, device) -> tuple[tuple[list[fl
     return row_losses(model, tok, rows, settings, device), answer(model, tok, prompts, settings.max_new_tokens, device)
 
 
-def loss_report(before: tuple[list[float], list[int]], after: tuple[list[float], list[int]] | None) -> dict:
+def loss_report(before: tuple[list[float], list[int]], after: tuple[list[float], list[int]] | None,
+                max_seq_length: int = 0) -> dict:
     """Held-out loss before/after with standard errors across rows, and the paired change."""
+    if not sum(before[1]):   # every completion cut off: a loss over no tokens means nothing
+        raise ConfigError(f"stages.evaluate.max_seq_length: no held-out row keeps a scored token within "
+                          f"{max_seq_length} tokens ({len(before[1])} rows); raise it")
     report = {"n_eval_rows": len(before[1])}
     for name, (sums, counts) in (("before", before), ("after", after)) if after else (("before", before),):
         loss, se = stats.ratio(sums, counts)
@@ -131,7 +136,7 @@ def run(ctx: StageContext, inputs: Inputs) -> EvalResult:
     losses_after = answers_after = None
     if model is not None:
         losses_after, answers_after = _measure(model, tok, rows, prompts, settings, device)
-    report = loss_report(losses_before, losses_after)
+    report = loss_report(losses_before, losses_after, settings.max_seq_length)
     del model
     free()
     rlhf = _rlhf(ctx, tok, data.eval_path, merged, ppo)
