@@ -48,6 +48,7 @@ def shomin(args, cwd, **kw):
 # ---------------------------------------------------------------- NaN / inf
 
 
+@pytest.mark.e2e   # whole pipelines through the CLI
 def test_diverging_loss_stops_the_run_before_merge(tmp_path, tiny_model):
     """learning_rate 1e30: after one AdamW step the LoRA weights are ~1e30, the next forward overflows
     float32 and the gradient norm is nan. (1e6 is not enough on this model: RMSNorm keeps the
@@ -131,6 +132,7 @@ def test_oom_inside_a_stage_is_exit_1_with_the_advice(tmp_path, tiny_model, monk
 # ---------------------------------------------------------------- two runs at once
 
 
+@pytest.mark.e2e   # whole pipelines through the CLI
 def test_two_runs_at_once_keep_to_their_own_folders_and_mlflow_runs(tmp_path, tiny_model):
     write_pipeline(tmp_path, tiny_model, "max_steps: 4, batch_size: 4, micro_batch_size: 4, max_seq_length: 64, "
                    "learning_rate: 0.002, save_steps: 1, logging_steps: 1")
