@@ -20,6 +20,8 @@ MLflow (on the stage runs found under the parent run):
 Everything here is best effort: `publish_artifacts` never raises, a run's
 status is never decided by whether its pictures could be drawn.
 """
+# Over ~300 lines: everything a finished run shows people (Prefect artifacts, MLflow plots,
+# tables and model versions) in one place, each part a short function.
 from __future__ import annotations
 
 import base64

@@ -12,6 +12,8 @@ The tensor maths lives in tasks/models/ppo_math.py; rollouts, log-probs and scor
 shared with evaluate, in tasks/models/rl.py. accelerate makes `accelerate launch`
 data-parallel with no code change; on one process it is plain torch.
 """
+# Just over ~300 lines: the stage reads top-down like the algorithm (settings, rollout ->
+# score -> advantages -> update, checkpoints, the loop, its plan); the maths is in ppo_math.py.
 from __future__ import annotations
 
 import json
