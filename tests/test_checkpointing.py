@@ -115,3 +115,21 @@ def test_sft_stage_with_its_levers_trains_like_the_stock_recipe(tiny_model, tmp_
     assert funcs["shomin"] == {"LayerCheckpoint"} and "LayerCheckpoint" not in funcs["stock"]
     assert len(losses["shomin"]) == 3
     assert losses["shomin"] == pytest.approx(losses["stock"], rel=1e-4)
+
+
+def test_warmup_ratio_reaches_the_trainer_as_a_share_of_the_steps(tiny_model, tmp_path):
+    """warmup_ratio 0.25 of 8 steps is 2 warmup steps (not 0.25 steps, as transformers 4.x read it)."""
+    from shomin.tasks.ground.settings import DatasetSpec
+    from shomin.tasks.stages import sft
+    from shomin.tasks.stages.dataset import DatasetStageSettings
+    from shomin.tasks.stages.sft import SftSettings
+    from shomin.tasks.ground.records import ModelResult
+    from tests.conftest import ROOT
+    d = run_stage("dataset", DatasetStageSettings(), tmp_path / "dataset", model=ModelSpec(source="-"),
+                  dataset=DatasetSpec(source=str(ROOT / "data" / "dolly-ja-sample.jsonl"), max_rows=16), seed=0)
+    res = ModelResult(stage="model_init", output_dir="-", model_path=str(tiny_model), tokenizer_path=str(tiny_model),
+                      num_parameters=0, architecture="llama")
+    settings = SftSettings(max_steps=8, warmup_ratio=0.25, micro_batch_size=2, batch_size=2, max_seq_length=32)
+    trainer, levers = sft.build_trainer(settings, ModelSpec(source=str(tiny_model)), res, d, "cpu", tmp_path / "c", 0)
+    levers.restore()
+    assert trainer.args.get_warmup_steps(8) == 2

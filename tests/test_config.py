@@ -107,7 +107,7 @@ def test_overrides_apply_and_are_checked(tmp_path):
 
 def test_settings_defaults_are_documented():
     missing = [n for n, f in SftSettings.model_fields.items() if not f.description and n not in
-               ("warmup_ratio", "weight_decay", "logging_steps", "lora")]
+               ("weight_decay", "logging_steps", "lora")]
     assert missing == []
 
 

@@ -33,7 +33,7 @@ class SftSettings(Strict):
     batch_size: int = Field(8, gt=0, description="Effective batch (rows per optimizer step).")
     micro_batch_size: int = Field(4, gt=0, description="Rows per forward pass; batch_size / micro_batch_size steps are accumulated.")
     max_seq_length: int = Field(512, gt=0, description="Tokens per row; longer rows are truncated.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the optimizer steps spent warming the learning rate up linearly.")
     lr_scheduler: str = Field("linear", description="transformers scheduler name.")
     weight_decay: float = Field(0.0, ge=0)
     completion_only_loss: bool = Field(True, description="Instruction format: loss on the response only.")
@@ -116,6 +116,8 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         output_dir=str(checkpoint_dir), seed=seed, data_seed=seed,
         per_device_train_batch_size=settings.micro_batch_size, gradient_accumulation_steps=batches,
         learning_rate=settings.learning_rate, num_train_epochs=settings.epochs, max_steps=settings.max_steps,
+        # transformers 5 reads a warmup_steps below 1 as a share of the steps (its warmup_ratio is
+        # deprecated); pyproject requires transformers >= 5 for exactly this
         lr_scheduler_type=settings.lr_scheduler, warmup_steps=settings.warmup_ratio,
         weight_decay=settings.weight_decay, optim=settings.optim, max_length=settings.max_seq_length,
         completion_only_loss=settings.completion_only_loss if data.format == "instruction" else None,
