@@ -17,7 +17,7 @@ from shomin.flows.prefect_tasks import stage_task
 from shomin.tasks import registry
 from shomin.tasks.ground.contract import Stage
 from shomin.tasks.ground.records import StageResult
-from shomin.tasks.ground.rundir import RunDir, new_run_id
+from shomin.tasks.ground.rundir import RunDir, new_run_id, settle_all
 from shomin.tasks.ground.settings import PipelineBase
 from shomin.tasks.ground.tracking import Tracker, git_commit
 from shomin.tasks.models.loading import resolve_device
@@ -51,6 +51,7 @@ class StageRunner:
         if stage.checkpoints:  # keyed by inputs, outside the run folder: a rerun resumes
             key = registry.stage_key(stage, ctx, inputs)
             ctx = ctx.model_copy(update={"checkpoint_dir": str(self.run.path.parent / ".checkpoints" / key)})
+        self.run.record_stage(stage.name, "running")   # what a kill leaves behind says where it happened
         t0, task_fn = time.time(), stage_task(stage)
         fn = task_fn.with_options(refresh_cache=True) if self.refresh else task_fn
         state = fn(ctx, inputs, return_state=True)
@@ -97,6 +98,7 @@ def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list
                   run_id: str | None = None, refresh: bool = False, workdir: str = ".") -> dict:
     """Run one pipeline of a pipelines.yaml; returns its summary (also in summary.json)."""
     p = registry.load_pipeline(config, pipeline, overrides or [])
+    settle_all(Path(workdir) / p.output_dir, p.name)   # earlier runs of it that were killed: say so
     run_id = run_id or (flow_run.name or "").partition(":")[2] or None
     rundir = RunDir(Path(workdir) / p.output_dir, p.name, run_id)
     rundir.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None

@@ -31,15 +31,16 @@ def _pipelines(config_path: str | Path, workdir: Path) -> dict[str, Any]:
 
 
 def _from_summary(path: Path) -> dict | None:
-    try:
-        s = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from shomin.tasks.ground.rundir import settle
+    s = settle(path)   # a run whose process is gone is marked interrupted here
+    if s is None:
         return None
     metrics: dict[str, float] = {}
     for stage in ("ppo", "evaluate"):
         metrics.update((s.get("stages", {}).get(stage) or {}).get("metrics") or {})
     return {"pipeline": s.get("pipeline"), "run_id": s.get("run_id"), "status": s.get("status"),
             "started_at": s.get("started_at"), "seconds": s.get("seconds"), "error": s.get("error"),
+            "interrupted_at": s.get("interrupted_at"), "interrupted_stage": s.get("interrupted_stage"),
             "stages": {k: {"status": v.get("status"), "seconds": v.get("seconds")} for k, v in s.get("stages", {}).items()},
             "metrics": {k: metrics[k] for k in KEY_METRICS if k in metrics},
             "mlflow_run_id": s.get("mlflow_run_id"), "prefect_flow_run_id": s.get("prefect_flow_run_id"),

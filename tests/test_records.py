@@ -41,3 +41,31 @@ def test_secrets_never_reach_mlflow(tmp_path, monkeypatch):
     assert params["model.api_key"] == "***" and token not in params["description"]
     assert len(params["long"]) == MAX_PARAM                    # cut to MLflow's limit, run not crashed
     assert all(token not in v for v in params.values())
+
+
+def test_a_run_whose_process_is_gone_is_marked_interrupted(tmp_path):
+    """settle(): `running` with a dead process -> `interrupted` (when, which stage), written back;
+    a live process, or one on another host, is left alone."""
+    import json
+    import subprocess
+    import sys
+
+    from shomin.tasks.ground.rundir import RunDir, settle, this_process
+    run = RunDir(tmp_path / "runs", "p", "r1")
+    run.record_stage("dataset", "completed")
+    run.record_stage("sft", "running")
+    path = run.path / "summary.json"
+    assert settle(path)["status"] == "running"                 # this very process: alive
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.summary["process"] = {**this_process(), "pid": dead.pid, "start": None}
+    run.save()
+    settled = settle(path)
+    assert settled["status"] == "interrupted" and settled["interrupted_stage"] == "sft"
+    assert settled["stages"]["sft"]["status"] == "interrupted" and settled["stages"]["dataset"]["status"] == "completed"
+    assert "in stage sft" in settled["error"] and settled["interrupted_at"]
+    assert json.loads(path.read_text())["status"] == "interrupted"
+    other = RunDir(tmp_path / "runs", "p", "r2")
+    other.summary["process"] = {"host": "another-machine", "pid": dead.pid, "start": None}
+    other.save()
+    assert settle(other.path / "summary.json")["status"] == "running"   # cannot tell from here: unchanged

@@ -66,7 +66,15 @@ def test_sigkill_during_sft_then_rerun_resumes(tmp_path, tiny_model):
     (run1,) = [p.parent for p in (tmp_path / "runs" / "tiny").glob("*/summary.json")]
     assert not (run1 / "sft").exists()                      # atomic: no stage folder for an unfinished stage
     assert not list(run1.glob(".sft.partial-*"))
-    assert json.loads((run1 / "summary.json").read_text())["stages"].keys() <= {"model_init", "dataset"}
+    killed = json.loads((run1 / "summary.json").read_text())
+    assert {k: v["status"] for k, v in killed["stages"].items()} == \
+        {"model_init": "completed", "dataset": "completed", "sft": "running"}   # nothing finished past dataset
+    # the next look at the folder marks the killed run, and says where it stopped
+    listed = subprocess.run([sys.executable, "-m", "shomin.flows.cli", "runs", "--json", "--no-mlflow"], cwd=tmp_path,
+                            env=_env(), capture_output=True, text=True, timeout=120)
+    (row,) = [r for r in json.loads(listed.stdout) if r["run_id"] == run1.name]
+    assert row["status"] == "interrupted" and row["interrupted_stage"] == "sft" and row["interrupted_at"]
+    assert json.loads((run1 / "summary.json").read_text())["status"] == "interrupted"   # written back
 
     second = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -69,7 +69,7 @@ class RunDir:
         self.summary: dict[str, Any] = {
             "pipeline": pipeline, "run_id": self.run_id, "status": "running",
             "started_at": _now(), "finished_at": None, "mlflow_run_id": None,
-            "prefect_flow_run_id": None, "stages": {},
+            "prefect_flow_run_id": None, "stages": {}, "process": this_process(),
         }
         self._t0 = time.time()
         self.save()
@@ -122,3 +122,64 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def markdown_cell(text: object, width: int = 300) -> str:
     """Text safe inside a markdown table cell: pipes escaped, newlines as <br>, cut to `width`."""
     return "—" if text is None else (str(text).replace("|", "\\|").replace("\n", "<br>")[:width] or "(empty)")
+
+
+# ---------------------------------------------------------------- runs that were killed
+
+
+def this_process() -> dict:
+    """Who is running this run: host, pid and the process's start time (so a reused pid is
+    not taken for the run's own process)."""
+    import socket
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux /proc), None where it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(process: dict) -> bool | None:
+    """Whether the process that wrote a summary still runs; None when this machine cannot tell."""
+    import socket
+    if not process or process.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(process["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, ValueError, KeyError):
+        return None
+    start = _process_start(int(process["pid"]))
+    return start is None or process.get("start") is None or start == process["start"]
+
+
+def settle(summary_path: str | Path) -> dict | None:
+    """Read a summary; a run still marked `running` whose process is gone (killed, machine
+    restarted) is marked `interrupted`, with when (the summary's last write) and in which
+    stage, and written back. Every look at a run folder goes through here."""
+    path = Path(summary_path)
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") != "running" or _alive(summary.get("process") or {}) is not False:
+        return summary
+    running = [k for k, v in (summary.get("stages") or {}).items() if (v or {}).get("status") == "running"]
+    when = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+    for stage in running:
+        summary["stages"][stage]["status"] = "interrupted"
+    stage = running[-1] if running else None
+    summary.update(status="interrupted", interrupted_at=when, interrupted_stage=stage,
+                   error=f"interrupted{f' in stage {stage}' if stage else ''} (last written {when}): the process "
+                         "running it ended without finishing; the same command resumes it")
+    write_json(path, summary)
+    return summary
+
+
+def settle_all(root: str | Path, pipeline: str) -> list[dict]:
+    """settle() every run of `pipeline` under `root` (its output_dir)."""
+    return [s for s in (settle(p) for p in sorted((Path(root) / pipeline).glob("*/summary.json"))) if s]
