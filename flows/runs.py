@@ -6,7 +6,6 @@ elsewhere against the same store, and the final metrics.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
