@@ -17,7 +17,7 @@ from shomin.flows.prefect_tasks import stage_task
 from shomin.tasks import registry
 from shomin.tasks.ground.contract import Stage
 from shomin.tasks.ground.records import StageResult
-from shomin.tasks.ground.rundir import RunDir, new_run_id, settle_all
+from shomin.tasks.ground.rundir import RunDir, intact, new_run_id, settle_all
 from shomin.tasks.ground.settings import PipelineBase
 from shomin.tasks.ground.tracking import Tracker, git_commit
 from shomin.tasks.models.loading import resolve_device
@@ -58,7 +58,7 @@ class StageRunner:
         if state.is_completed():
             result = state.result()
             cached = state.name == "Cached"
-            if cached and not Path(result.output_dir).exists():  # the earlier run's folder is gone
+            if cached and not intact(result.output_dir):  # the earlier run's folder is gone, or lost files
                 state = task_fn.with_options(refresh_cache=True)(ctx, inputs, return_state=True)
                 result, cached = state.result(raise_on_failure=False), False
         settings = ctx.settings.model_dump(mode="json")

@@ -69,3 +69,19 @@ def test_a_run_whose_process_is_gone_is_marked_interrupted(tmp_path):
     other.summary["process"] = {"host": "another-machine", "pid": dead.pid, "start": None}
     other.save()
     assert settle(other.path / "summary.json")["status"] == "running"   # cannot tell from here: unchanged
+
+
+def test_a_stage_folder_knows_when_it_lost_or_truncated_a_file(tmp_path):
+    from shomin.tasks.ground.rundir import MANIFEST, intact, staged_dir
+    with staged_dir(tmp_path / "stage") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x" * 100)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.json").write_text("{}")
+    folder = tmp_path / "stage"
+    assert (folder / MANIFEST).is_file() and intact(folder)
+    (folder / "model.safetensors").write_bytes(b"x" * 60)       # truncated
+    assert not intact(folder)
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    (folder / "sub" / "a.json").unlink()                          # a file removed
+    assert not intact(folder)
+    assert not intact(tmp_path / "gone")

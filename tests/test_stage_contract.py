@@ -84,6 +84,11 @@ def test_a_registered_stage_runs_through_flow_prefect_and_mlflow(toy_stage, tmp_
     again = run_pipeline("toy", str(cfg))              # same inputs: a cache hit, like any stage
     assert again["stages"]["count"]["status"] == "cached"
 
+    (out / "count.json").write_text("{")               # damaged since (a full disk, a copy cut short)
+    third = run_pipeline("toy", str(cfg))
+    assert third["stages"]["count"]["status"] == "completed"   # detected and recomputed, not passed on
+    assert json.loads((Path(third["stages"]["count"]["output_dir"]) / "count.json").read_text())["rows"] == 3 * n_train
+
 
 def test_a_registered_stage_is_checked_like_the_others(toy_stage, tmp_path):
     with pytest.raises(ConfigError, match="stage 'count' needs stage 'dataset'"):

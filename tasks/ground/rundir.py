@@ -53,9 +53,42 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    write_manifest(scratch)
     if final.exists():  # a retry of the same stage in the same run replaces the old copy
         shutil.rmtree(final)
     os.replace(scratch, final)
+
+
+MANIFEST = ".shomin-manifest.json"
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file of a finished stage folder and its size, so a later cache hit can tell a
+    folder someone deleted from or truncated (a disk that filled up, a copy cut short)."""
+    files = {f.relative_to(folder).as_posix(): f.stat().st_size for f in sorted(folder.rglob("*"))
+             if f.is_file() and f.name != MANIFEST}
+    write_json(folder / MANIFEST, files)
+
+
+def intact(folder: str | Path) -> bool:
+    """The folder exists and every file its manifest lists is there at its size (a folder
+    written before manifests existed counts as intact)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    for rel, size in files.items():
+        try:
+            if (folder / rel).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 class RunDir:

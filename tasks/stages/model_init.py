@@ -15,7 +15,7 @@ from pydantic import Field
 from shomin.tasks.ground import hub
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.records import ModelResult
-from shomin.tasks.ground.rundir import staged_dir, write_json
+from shomin.tasks.ground.rundir import intact, staged_dir, write_json
 from shomin.tasks.ground.settings import EMBEDDED_PREFIX, ModelSpec, Strict
 from shomin.tasks.models.loading import load_tokenizer
 from shomin.tasks.models.memory import shape_from_config
@@ -47,7 +47,7 @@ def resolve_source(spec: ModelSpec, cache_dir: str | None = None) -> Path:
     if spec.source.startswith(EMBEDDED_PREFIX):
         name = hub.embedded_name(spec)
         dest = hub.embedded_folder(name, cache_dir)
-        if not (dest / "config.json").exists():
+        if not (dest / "config.json").exists() or not intact(dest):   # never, or cut short / damaged
             _convert_embedded(name, dest)
         return dest
     local = Path(spec.source).expanduser()
