@@ -38,10 +38,11 @@ def prepare_tracking(p, workdir: str = ".") -> None:
     """Create (or migrate) a sqlite MLflow store and the pipeline's experiment under a file lock.
     Two first runs started at once would otherwise both run MLflow's schema migrations on
     the same new database, or both create the experiment, and one of them would crash."""
-    from shomin.tasks.ground.tracking import Tracker, tracking_uri
+    from shomin.tasks.ground.tracking import Tracker, check_reachable, tracking_uri
     uri = tracking_uri(p.tracking, workdir)
     if not uri.startswith("sqlite:///"):
-        return  # a server serialises this itself
+        check_reachable(uri)   # a server that is not there: one line now, not a traceback after the first stage
+        return  # a server serialises the store's set-up itself
     db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -88,7 +89,10 @@ def cmd_run(args) -> int:
         os.environ.update(QUIET_ENV)
     p = registry.load_pipeline(args.file, args.pipeline, args.set)
     registry.check_pipeline(p, args.file, before_run=True)
-    prepare_tracking(p)
+    try:
+        prepare_tracking(p)
+    except ConfigError as e:
+        raise ConfigError(registry.locate(str(e), args.file, p.name)) from None
     from shomin.flows.pipeline import StageFailed, run_pipeline
     try:
         summary = run_pipeline(args.pipeline, args.file, args.set, refresh=args.refresh,

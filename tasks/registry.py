@@ -124,12 +124,12 @@ def check_pipeline(p: PipelineBase, file: str = "pipelines.yaml", before_run: bo
             if stage.check is not None:
                 stage.check(p, getattr(p.stages, stage.name), before_run)
     except ConfigError as e:
-        raise type(e)(_locate(str(e), file, p.name)) from None
+        raise type(e)(locate(str(e), file, p.name)) from None
 
 
-def _locate(msg: str, file: str, name: str) -> str:
+def locate(msg: str, file: str, name: str) -> str:
     """`model.source: ...` -> `FILE: pipelines.NAME.model.source: ...`; messages naming a data file stay as they are."""
-    if msg.startswith(("model.", "dataset.", "stages.", "device:")):
+    if msg.startswith(("model.", "dataset.", "stages.", "device:", "tracking.")):
         return f"{file}: pipelines.{name}.{msg}"
     if msg.startswith("pipelines."):
         return f"{file}: {msg}"

@@ -177,6 +177,9 @@ CASES = {
     "device-cuda-absent": (lambda t, m, a: (with_(base(m), "device", "cuda"), []), ["{cfg}", "pipelines.p.device", "no CUDA device"]),
     "liger-on-cpu": (lambda t, m, a: (with_(base(m), "stages.sft.kernels", "liger"), []),
                      ["{cfg}", "pipelines.p.stages.sft.kernels", "liger needs CUDA"]),
+    # a tracking server that is not there (port 9, discard: nothing listens on loopback)
+    "mlflow-server-away": (lambda t, m, a: (with_(base(m), "tracking.uri", "http://127.0.0.1:9"), []),
+                           ["{cfg}", "pipelines.p.tracking.uri", "MLflow at http://127.0.0.1:9 does not answer"]),
 }
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.settings import Tracking
 
@@ -28,6 +29,22 @@ SECRET_VALUE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr
 
 def tracking_uri(tracking: Tracking, workdir: str | Path = ".") -> str:
     return tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve()}/mlflow.db"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server must answer before a run starts: one ConfigError line if it does not."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return   # it answered (some servers have no /health): reachable
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ConfigError(f"tracking.uri: MLflow at {redact('uri', uri)} does not answer ({reason}); start it "
+                          "(`shomin server`), or unset tracking.uri and MLFLOW_TRACKING_URI to use sqlite:///mlflow.db") from None
 
 
 def redact(key: str, value: Any) -> str:
