@@ -281,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(_one_line(e), 2)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except OSError as e:
+        from shomin.tasks.ground.errors import is_disk_full
+        if not is_disk_full(e):
+            raise
+        return _fail(f"no space left on the disk holding {e.filename or 'the run folder'}; free space and run the "
+                     "same command again", 1)
 
 
 if __name__ == "__main__":

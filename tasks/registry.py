@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field, create_model
 from shomin.tasks.ground import config as yaml_config
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
-from shomin.tasks.ground.errors import ConfigError, OutOfMemory
+from shomin.tasks.ground.errors import ConfigError, DiskFull, OutOfMemory, is_disk_full
 from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.settings import PipelineBase, StagesBase, Strict
 from shomin.tasks.models.loading import EIGHT_BIT_NEEDS_CUDA, resolve_device
@@ -210,3 +210,23 @@ def execute(stage: Stage, ctx: StageContext, inputs: Inputs) -> StageResult:
     except torch.cuda.OutOfMemoryError:
         hint = stage.lower_hint(ctx.settings)
         raise OutOfMemory(oom_message(stage.name, hint, ctx.planned_peak_gib())) from None
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFull(disk_full_message(stage.name, e, ctx.out_dir)) from None
+
+
+def disk_full_message(stage: str, error: BaseException, out_dir: str) -> str:
+    """One line: which folder filled up, how much is free there, how much the stage had written."""
+    import shutil
+    where = Path(getattr(error, "filename", None) or out_dir)
+    folder = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    written = getattr(error, "shomin_written", None)
+    wrote = f"; it had written {_size(written)} when the disk filled" if written else ""
+    return (f"{stage}: no space left on the disk holding {where.parent if where.suffix else where} "
+            f"({_size(free)} free){wrote}; nothing half-written is kept: free space and run the same command again")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else (f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB")

@@ -81,7 +81,8 @@ TIERS = {
              "test_layers", "test_levers", "test_fast_lora", "test_stats",
              "test_compare"},
     "stage": {"test_ppo", "test_checkpointing", "test_embedded", "test_reliability"},
-    "e2e": {"test_pipeline", "test_deploy", "test_ui", "test_mlflow_plots", "test_resume", "test_bad_input"},
+    "e2e": {"test_pipeline", "test_deploy", "test_ui", "test_mlflow_plots", "test_resume", "test_bad_input",
+            "test_faults", "test_stage_contract"},
 }
 
 

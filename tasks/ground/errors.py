@@ -33,3 +33,18 @@ class OutOfMemory(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """Loss became NaN or inf: stop before a broken adapter is used anywhere."""
+
+
+class DiskFull(RuntimeError):
+    """A stage ran out of disk space; str() is one line naming the folder and what it needed."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere in the chain; safetensors and torch report it inside their own errors."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "errno", None) == 28 or "No space left on device" in str(error) or "StorageFull" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from shomin.tasks.ground.errors import is_disk_full
 from shomin.tasks.ground.records import StageResult
 
 
@@ -28,16 +29,23 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON via a temp file + rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(2)}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    _atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(path, text)
+
+
+def _atomic(path: Path, text: str) -> None:
+    """Write a temp file and rename it over `path`; a failed write (a full disk) leaves neither."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(2)}")
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -50,7 +58,9 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     scratch.mkdir()
     try:
         yield scratch
-    except BaseException:
+    except BaseException as e:
+        if is_disk_full(e):   # say how far it got before the folder goes
+            e.shomin_written = folder_bytes(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     write_manifest(scratch)
@@ -60,6 +70,10 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
 
 
 MANIFEST = ".shomin-manifest.json"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def write_manifest(folder: Path) -> None:
