@@ -67,8 +67,9 @@ def test_sigkill_during_sft_then_rerun_resumes(tmp_path, tiny_model):
     assert not (run1 / "sft").exists()                      # atomic: no stage folder for an unfinished stage
     assert not list(run1.glob(".sft.partial-*"))
     killed = json.loads((run1 / "summary.json").read_text())
-    assert {k: v["status"] for k, v in killed["stages"].items()} == \
-        {"model_init": "completed", "dataset": "completed", "sft": "running"}   # nothing finished past dataset
+    statuses = {k: v["status"] for k, v in killed["stages"].items()}
+    assert statuses.pop("sft") == "running" and set(statuses) == {"model_init", "dataset"}   # nothing past dataset
+    assert set(statuses.values()) <= {"completed", "cached"}   # (cached when another test ran them first)
     # the next look at the folder marks the killed run, and says where it stopped
     listed = subprocess.run([sys.executable, "-m", "shomin.flows.cli", "runs", "--json", "--no-mlflow"], cwd=tmp_path,
                             env=_env(), capture_output=True, text=True, timeout=120)
