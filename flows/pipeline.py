@@ -45,7 +45,7 @@ class StageRunner:
 
     def __call__(self, stage: Stage, results: dict[str, StageResult]) -> StageResult:
         inputs = stage.inputs_of(results)
-        if stage.name == "env_check":   # the plan env_check checks, and every later stage's OOM advice reads
+        if stage.checks_plan:   # the plan that stage checks, and every later stage's OOM advice reads
             self.plan = registry.plan_context(self.p)
         ctx = registry.context(stage, self.p, self.device, self.run.stage_dir(stage.name), plan=self.plan)
         if stage.checkpoints:  # keyed by inputs, outside the run folder: a rerun resumes

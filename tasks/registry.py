@@ -161,7 +161,7 @@ def plan_for(p: PipelineBase, headroom: float | None = None) -> dict:
     cpu = next(d for d in env["devices"] if d["type"] == "cpu")
     dev = cpu if device == "cpu" else next((d for d in env["devices"] if d.get("index") == 0), {})
     if headroom is None:
-        headroom = p.stages.env_check.headroom if getattr(p.stages, "env_check", None) else 0.9
+        headroom = next((getattr(p.stages, s.name).headroom for s in present(p) if s.checks_plan), 0.9)
     plan = plan_memory(p, shape, device, dev.get("free_bytes"), dev.get("total_bytes"),
                        headroom=headroom, ram_free_bytes=cpu["free_bytes"])
     return {"plan": plan, "environment": env, "shape": shape, "quantizations": quantizations(p)}

@@ -82,6 +82,7 @@ class Stage:
     memory: Literal["device", "host"] = "device"   # where its peak lives (merge: host RAM)
     plan: Callable[..., dict[str, int]] | None = None   # (settings, PlanInputs) -> terms incl. "total"
     check: CheckFn | None = None
+    checks_plan: bool = False              # the flow computes the memory plan of every present stage for it
 
     def inputs_of(self, results: dict[str, StageResult]) -> Inputs:
         return {name: results[name] for name in (*self.needs, *self.uses) if name in results}

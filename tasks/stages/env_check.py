@@ -54,5 +54,5 @@ def check(pipeline, settings: EnvCheckSettings, before_run: bool) -> None:
     check_source(pipeline.model)   # the plan reads the model's config
 
 
-STAGE = Stage("env_check", EnvCheckSettings, run, check=check, cached=False,
+STAGE = Stage("env_check", EnvCheckSettings, run, check=check, cached=False, checks_plan=True,
               help="Environment and memory plan; fails before anything loads when the plan does not fit.")
