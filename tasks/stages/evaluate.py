@@ -49,13 +49,6 @@ def _encode(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def heldout_loss(model, tok, rows: list[dict], settings: EvaluateSettings, device: str) -> float:
-    """Token-weighted mean cross-entropy over the held-out rows."""
-    sums, counts = row_losses(model, tok, rows, settings, device)
-    return sum(sums) / max(sum(counts), 1)
-
-
-@torch.no_grad()
 def row_losses(model, tok, rows: list[dict], settings: EvaluateSettings, device: str) -> tuple[list[float], list[int]]:
     """Per held-out row: the summed cross-entropy of its trained tokens, and how many there are."""
     model.eval()
