@@ -1,4 +1,4 @@
-"""The `shomin` command: run | validate | list | plan | schema | serve | server | runs.
+"""The `shomin` command: run | validate | list | plan | schema | serve | server | runs | compare | chat | export.
 
 Exit codes: 0 success, 2 bad configuration or input (one line on stderr naming
 the file, field or row; no traceback), 1 a failure while running.
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("run_b")
     co.add_argument("--json", action="store_true")
     co.set_defaults(fn=cmd_compare)
+    from shomin.flows import chat
+    chat.add_parser(sub, with_file)
     return parser
 
 

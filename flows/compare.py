@@ -7,15 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from shomin.tasks.ground.errors import ConfigError
+from shomin.tasks.ground.outputs import find_run  # noqa: F401  (the CLI finds runs through here)
 from shomin.tasks.models.stats import within_noise
-
-
-def find_run(ref: str, workdir: str | Path = ".") -> Path:
-    for candidate in (Path(ref), Path(workdir) / "runs" / ref):
-        if (candidate / "summary.json").is_file():
-            return candidate
-    raise ConfigError(f"{ref}: no run there (expected a folder with summary.json, or PIPELINE/RUN_ID under runs/)")
 
 
 def metrics_of(run: Path) -> dict[str, float]:

@@ -17,7 +17,7 @@ from shomin.flows.prefect_tasks import stage_task
 from shomin.tasks import registry
 from shomin.tasks.ground.contract import Stage
 from shomin.tasks.ground.records import StageResult
-from shomin.tasks.ground.rundir import RunDir, intact, new_run_id, settle_all
+from shomin.tasks.ground.rundir import RunDir, intact, new_run_id, settle_all, write_json
 from shomin.tasks.ground.settings import PipelineBase
 from shomin.tasks.ground.tracking import Tracker, git_commit
 from shomin.tasks.models.loading import resolve_device
@@ -102,6 +102,9 @@ def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list
     run_id = run_id or (flow_run.name or "").partition(":")[2] or None
     rundir = RunDir(Path(workdir) / p.output_dir, p.name, run_id)
     rundir.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
+    rundir.summary["command"] = " ".join(["shomin run", pipeline, *(f"--set {o}" for o in overrides or [])])
+    # the resolved pipeline, so a run's result can be prompted, described and exported as it was made
+    write_json(rundir.path / "pipeline.json", p.model_dump(mode="json", by_alias=True))
     tracker = Tracker(p.tracking, p.tracking.experiment or p.name, workdir)
     runner = StageRunner(p, rundir, tracker, refresh, resolve_device(p.device))
     rundir.summary["mlflow_run_id"] = tracker.start(

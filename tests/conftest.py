@@ -30,15 +30,24 @@ def _corpus() -> list[str]:
     return texts + ["指示: 入力: 応答:"]
 
 
-def make_tiny_model(folder: Path, vocab_size: int = 512, seed: int = 0) -> Path:
+# ChatML, the template SmolLM2 and Qwen2 use, for the tiny chat model
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def make_tiny_model(folder: Path, vocab_size: int = 512, seed: int = 0, chat: bool = False) -> Path:
+    """chat=True: <|im_start|>/<|im_end|> special tokens and a ChatML chat template."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(_corpus(), vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=["<pad>", "<s>", "</s>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+                            special_tokens=["<pad>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chat else []))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  **({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]} if chat else {}))
+    if chat:
+        tok.chat_template = CHATML
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -65,6 +74,11 @@ def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-chat") / "model", chat=True)
+
+
 @pytest.fixture(autouse=True)
 def isolated_state(tmp_path, monkeypatch):
     """Every test gets its own MLflow store, Prefect home and model cache."""
@@ -80,7 +94,8 @@ TIERS = {
     "unit": {"test_ppo_math", "test_config", "test_data", "test_records", "test_reward", "test_env_check",
              "test_layers", "test_levers", "test_fast_lora", "test_stats",
              "test_compare"},
-    "stage": {"test_ppo", "test_checkpointing", "test_embedded", "test_reliability"},
+    "stage": {"test_ppo", "test_checkpointing", "test_embedded", "test_reliability", "test_chat_data",
+              "test_gguf_export"},
     "e2e": {"test_pipeline", "test_deploy", "test_ui", "test_mlflow_plots", "test_resume", "test_bad_input",
             "test_faults", "test_stage_contract"},
 }

@@ -55,10 +55,11 @@ class Template(Strict):
 
 class DatasetSpec(Strict):
     source: str = Field(description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file.")
-    format: Literal["instruction", "text"] = Field("instruction", description="instruction: instruction/input/output columns; text: one text column.")
+    format: Literal["instruction", "text", "chat"] = Field("instruction", description="instruction: instruction/input/output columns; text: one text column; chat: conversations (a `messages` column of role/content, ShareGPT `conversations` of from/value, or instruction rows as one turn) rendered with the model's chat template, the loss on every assistant turn.")
     text_column: str = Field("text", description="Column holding the text (format: text).")
     split: str = Field("train", description="Hub split to read.")
     template: Template = Field(default_factory=Template)
+    system: str | None = Field(None, description="format chat: a system prompt put first in every conversation that has none of its own.")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of rows held out for evaluation.")
     eval_max_rows: int | None = Field(None, gt=0, description="Cap on held-out rows.")
     max_rows: int | None = Field(None, gt=0, description="Use only this many rows (after a seeded shuffle).")
@@ -67,9 +68,11 @@ class DatasetSpec(Strict):
     @model_validator(mode="after")
     def _used_by_the_format(self) -> "DatasetSpec":
         # a setting the chosen format never reads would silently do nothing
-        unused = {"instruction": "text_column", "text": "template"}[self.format]
-        if changed(self, unused):
-            raise ValueError(f"`{unused}` is not used with format {self.format!r}; remove it or change `format`")
+        unused = {"instruction": ("text_column", "system"), "text": ("template", "system"),
+                  "chat": ("text_column", "template")}[self.format]
+        for name in unused:
+            if changed(self, name):
+                raise ValueError(f"`{name}` is not used with format {self.format!r}; remove it or change `format`")
         return self
 
 

@@ -13,10 +13,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from shomin.tasks.ground.conversations import last_exchange
 from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.records import PolicyRecord
 from shomin.tasks.ground.rundir import read_jsonl
 from shomin.tasks.ground.settings import ModelSpec
+from shomin.tasks.models import chat
 from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from shomin.tasks.models import stats
 from shomin.tasks.models.ppo_math import logprobs_from_logits
@@ -48,9 +50,13 @@ class PolicyWithValue(nn.Module):
 
 def build_queries(path: str | Path, tok, settings: PolicyRecord, seed: int) -> list[str]:
     """Queries from a dataset JSONL. Text rows: the opening N tokens, N uniform in
-    [query_min_tokens, query_max_tokens] (seeded); instruction rows: the prompt."""
+    [query_min_tokens, query_max_tokens] (seeded); instruction rows: the prompt; chat rows: the
+    conversation up to its last answer, rendered with the generation prompt."""
     rng, queries = random.Random(seed), []
     for row in read_jsonl(path):
+        if "messages" in row:
+            queries.append(chat.render(tok, last_exchange(row["messages"])[0], generation_prompt=True))
+            continue
         if "prompt" in row:
             queries.append(row["prompt"])
             continue

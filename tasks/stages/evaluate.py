@@ -4,7 +4,8 @@ and for RLHF pipelines the reward before/after PPO and the policy's KL to its
 reference. Writes eval.json (numbers) and eval.md (for people).
 
 The loss is computed exactly as SFT trained it: on the completion tokens only
-for instruction data, on every token for plain text.
+for instruction data, on the assistant turns for chat data, on every token for
+plain text.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.records import EvalResult
 from shomin.tasks.ground.rundir import markdown_cell, read_jsonl, staged_dir, write_json, write_text
 from shomin.tasks.ground.settings import Strict
+from shomin.tasks.ground.conversations import last_exchange
+from shomin.tasks.models import chat
 from shomin.tasks.models import memory as mem
 from shomin.tasks.models import stats
 from shomin.tasks.models.loading import free, load_causal_lm, load_tokenizer
@@ -38,6 +41,9 @@ class EvaluateSettings(Strict):
 
 def _encode(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
     """Token ids and labels (-100 where no loss is taken)."""
+    if "messages" in row:
+        ids, mask = chat.encode(tok, row["messages"], max_len)
+        return ids, [i if m else -100 for i, m in zip(ids, mask)]
     if "prompt" in row:
         p = tok(row["prompt"], add_special_tokens=False)["input_ids"]
         c = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -73,17 +79,32 @@ def row_losses(model, tok, rows: list[dict], settings: EvaluateSettings, device:
     return sums, counts
 
 
+def questions(tok, rows: list[dict]) -> tuple[list[str], list[list[int]]]:
+    """What each held-out row asks (shown in eval.md) and the ids the model is given: the prompt
+    of an instruction row, the start of a text row, a conversation up to its last answer."""
+    shown, ids = [], []
+    for r in rows:
+        if "messages" in r:
+            history, _ = last_exchange(r["messages"])
+            shown.append(history[-1]["content"])
+            ids.append(chat.generation_prompt(tok, history))
+        else:
+            shown.append(r.get("prompt", r.get("text", "")[:60]))
+            ids.append(tok(shown[-1])["input_ids"])
+    return shown, ids
+
+
 @torch.no_grad()
-def answer(model, tok, prompts: list[str], max_new_tokens: int, device: str) -> list[str]:
+def answer(model, tok, prompts: list[list[int]], max_new_tokens: int, device: str) -> list[str]:
     """Greedy answers, so before/after differ only by the weights."""
     model.eval()
-    tok.padding_side = "left"
     out = []
     from tqdm.auto import tqdm
     for p in tqdm(prompts, desc="answers", leave=False):
-        x = tok(p, return_tensors="pt").to(device)
-        y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(tok.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+        x = torch.tensor([p], device=device)
+        y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                           do_sample=False, pad_token_id=tok.pad_token_id)
+        out.append(tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip())
     return out
 
 
@@ -115,7 +136,7 @@ def run(ctx: StageContext, inputs: Inputs) -> EvalResult:
     sft, merged, ppo = inputs.get("sft"), inputs.get("merge"), inputs.get("ppo")
     tok = load_tokenizer(model_res.tokenizer_path, spec.trust_remote_code)
     rows = read_jsonl(data.eval_path)
-    prompts = [r.get("prompt", r.get("text", "")[:60]) for r in rows[: settings.num_prompts]]
+    shown, prompts = questions(tok, rows[: settings.num_prompts])
 
     model = load_causal_lm(model_res.model_path, spec, device)
     losses_before, answers_before = _measure(model, tok, rows, prompts, settings, device)
@@ -136,7 +157,7 @@ def run(ctx: StageContext, inputs: Inputs) -> EvalResult:
     if rlhf:
         report.update({k: v for k, v in rlhf.items() if k != "samples"})
     samples = [{"prompt": p, "before": b, "after": a}
-               for p, b, a in zip(prompts, answers_before, answers_after or [None] * len(prompts))]
+               for p, b, a in zip(shown, answers_before, answers_after or [None] * len(prompts))]
     return _write(ctx, report, samples, rlhf, t0)
 
 

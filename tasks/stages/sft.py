@@ -2,7 +2,8 @@
 
 LoRA on the full-precision base, or QLoRA when the pipeline loads the base in
 4-bit (bitsandbytes nf4 + double quant). Instruction data arrives as
-prompt/completion pairs, so TRL computes the loss on the completion only.
+prompt/completion pairs, so TRL computes the loss on the completion only; chat data as
+token ids with the assistant turns marked (tasks/models/chat.py), the loss on those.
 Checkpoints go to a folder that outlives the run, keyed by the stage's inputs,
 so a killed run started again with the same command resumes from the last one.
 """
@@ -19,9 +20,10 @@ from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError, TrainingDiverged
 from shomin.tasks.ground.records import DataResult, ModelResult, SftResult
 from shomin.tasks.ground.rundir import read_jsonl, staged_dir, write_json
-from shomin.tasks.ground.settings import LoraSettings, ModelSpec, Strict
+from shomin.tasks.ground.settings import EMBEDDED_PREFIX, LoraSettings, ModelSpec, Strict
 from shomin.tasks.models import levers as speed
 from shomin.tasks.models import memory as mem
+from shomin.tasks.models.chat import encode, require_template
 from shomin.tasks.models.loading import guard_bnb_cpu, load_causal_lm, load_tokenizer, lora_config
 
 
@@ -90,6 +92,18 @@ def last_checkpoint(folder: Path) -> tuple[str | None, int | None]:
     return (str(path) if path else None), step
 
 
+def chat_rows(tok, rows: list[dict], max_len: int) -> list[dict]:
+    """Conversations as token ids plus TRL's `assistant_masks`, from which it builds the labels:
+    the loss covers every assistant turn and nothing else. A row whose assistant tokens all
+    fall past max_seq_length would train on nothing and is left out."""
+    require_template(tok, "stages.sft")
+    encoded = [encode(tok, r["messages"], max_len, f"train row {n}: ") for n, r in enumerate(rows, 1)]
+    kept = [{"input_ids": ids, "assistant_masks": mask} for ids, mask in encoded if any(mask)]
+    if not kept:
+        raise ConfigError(f"stages.sft.max_seq_length: {max_len} tokens cut off every assistant turn; raise it")
+    return kept
+
+
 def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult, data: DataResult,
                   device: str, checkpoint_dir: Path, seed: int):
     """The TRL SFTTrainer with the speed levers applied; returns (trainer, levers). The caller
@@ -129,7 +143,8 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         dataloader_num_workers=0, disable_tqdm=False, use_liger_kernel=levers.trainer_liger,
         padding_free=settings.padding_free,
     )
-    train = Dataset.from_list(read_jsonl(data.train_path))
+    rows = read_jsonl(data.train_path)
+    train = Dataset.from_list(chat_rows(tok, rows, settings.max_seq_length) if data.format == "chat" else rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                          callbacks=[finite_loss_callback()])
     return trainer, levers
@@ -163,11 +178,28 @@ def run(ctx: StageContext, inputs: Inputs) -> SftResult:
 
 
 def check(pipeline, settings: SftSettings, before_run: bool) -> None:
+    if pipeline.dataset is not None and pipeline.dataset.format == "chat":
+        _check_chat_template(pipeline.model, before_run)
     if settings.kernels == "liger":
         import torch
         from shomin.tasks.models.levers import kernels
         if pipeline.device == "cpu" or not torch.cuda.is_available() or not kernels.available():
             raise ConfigError("stages.sft.kernels: liger needs CUDA and `pip install liger-kernel`; use auto or none")
+
+
+def _check_chat_template(spec: ModelSpec, before_run: bool) -> None:
+    """A model without a chat template is refused before anything loads: a local folder is read,
+    a hub model's tokenizer files are fetched (they are small) just before a run; the embedded
+    model has one."""
+    from shomin.tasks.ground import hub
+    if spec.source.startswith(EMBEDDED_PREFIX) or (hub.is_hub_id(spec.source) and not before_run):
+        return
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(spec.source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except Exception:   # not downloadable now: model_init will say why, and the stage checks again
+        return
+    require_template(tok, f"model.source {spec.source}")
 
 
 def plan(sft: "SftSettings", inputs: mem.PlanInputs) -> dict:
