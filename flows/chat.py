@@ -1,4 +1,5 @@
-"""`shomin chat PIPELINE|RUN`: talk to what a run made, in the terminal.
+"""`shomin chat PIPELINE|RUN`: talk to what a run made, in the terminal; `shomin export`
+writes it out for other tools.
 
 The model is the run's result (tasks/ground/outputs.py: PPO policy, merged model, or
 base + SFT adapter), prompted the way the run trained it (tasks/models/chat.py).
@@ -138,3 +139,23 @@ def add_parser(sub, with_file) -> None:
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the same answer every time)")
     c.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     c.set_defaults(fn=cmd_chat)
+
+
+def cmd_export(args) -> int:
+    from shomin.tasks.models.exporting import export_run
+    run = resolve_target(args.target, args.file)
+    found = run_model(run)
+    dest = Path(args.out) if args.out else run / "export" / args.format
+    export_run(found, args.format, dest, args.outtype)
+    files = sorted(p.name for p in dest.iterdir() if not p.name.startswith("."))
+    print(f"{dest}: {args.format} of the {found.kind} result ({', '.join(files)})")
+    return 0
+
+
+def add_export_parser(sub, with_file) -> None:
+    e = with_file(sub.add_parser("export", help="write a run's result as GGUF (+ Ollama Modelfile), merged or adapter"))
+    e.add_argument("target", help="a run folder, PIPELINE/RUN_ID, or a pipeline (its newest completed run)")
+    e.add_argument("--format", required=True, choices=("gguf", "merged", "adapter"))
+    e.add_argument("--outtype", default="q8_0", choices=("f16", "q8_0"), help="GGUF tensor type")
+    e.add_argument("--out", help="destination folder (default RUN/export/FORMAT)")
+    e.set_defaults(fn=cmd_export)

@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.set_defaults(fn=cmd_compare)
     from shomin.flows import chat
     chat.add_parser(sub, with_file)
+    chat.add_export_parser(sub, with_file)
     return parser
 
 

@@ -15,6 +15,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from shomin.flows.prefect_tasks import stage_task
 from shomin.tasks import registry
+from shomin.tasks.ground.cards import write_run_cards
 from shomin.tasks.ground.contract import Stage
 from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.rundir import RunDir, intact, new_run_id, settle_all, write_json
@@ -102,7 +103,8 @@ def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list
     run_id = run_id or (flow_run.name or "").partition(":")[2] or None
     rundir = RunDir(Path(workdir) / p.output_dir, p.name, run_id)
     rundir.summary["prefect_flow_run_id"] = str(flow_run.id) if flow_run.id else None
-    rundir.summary["command"] = " ".join(["shomin run", pipeline, *(f"--set {o}" for o in overrides or [])])
+    rundir.summary["command"] = " ".join(["shomin run", *(["-f", config] if config != "pipelines.yaml" else []),
+                                          pipeline, *(f"--set {o}" for o in overrides or [])])
     # the resolved pipeline, so a run's result can be prompted, described and exported as it was made
     write_json(rundir.path / "pipeline.json", p.model_dump(mode="json", by_alias=True))
     tracker = Tracker(p.tracking, p.tracking.experiment or p.name, workdir)
@@ -119,6 +121,10 @@ def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list
         tracker.finish("failed")
         raise
     rundir.finish("completed")
+    try:
+        write_run_cards(rundir.path)
+    except Exception as e:  # noqa: BLE001 - the weights are written; a card must not fail the run
+        print(f"shomin: warning: model cards not written ({type(e).__name__}: {e})", file=sys.stderr)
     _publish(rundir.summary, results, tracker, p)
     last = list(results.values())[-1] if results else None
     tracker.finish("completed", last.metrics if last else None)

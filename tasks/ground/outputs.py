@@ -23,6 +23,7 @@ class RunModel:
     adapter: Path | None      # a PEFT adapter to put on `weights`, if any
     tokenizer: Path
     base: Path                # the pipeline's own starting model (for --compare)
+    last_adapter: Path | None = None   # the last LoRA adapter the run trained (PPO's, else SFT's)
     pipeline: dict = field(default_factory=dict)   # the run's resolved pipeline (pipeline.json)
 
     @property
@@ -83,4 +84,4 @@ def run_model(run: Path) -> RunModel:
         found = ("base", base, None)
     kind, weights, adapter = found
     return RunModel(run=run, kind=kind, weights=weights, adapter=adapter, tokenizer=tokenizer, base=base,
-                    pipeline=pipeline)
+                    last_adapter=ppo or sft, pipeline=pipeline)

@@ -104,7 +104,8 @@ def answer(model, tok, prompts: list[list[int]], max_new_tokens: int, device: st
         x = torch.tensor([p], device=device)
         y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                            do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip())
+        # a cut at max_new_tokens can end inside a multi-byte character: drop its replacement mark
+        out.append(tok.decode(y[0, x.shape[1]:], skip_special_tokens=True).strip().rstrip("\ufffd"))
     return out
 
 

@@ -1,0 +1,169 @@
+"""A chat run on a tiny model through the real CLI, then what a person does with its result:
+talk to it (`shomin chat`: --prompt, --compare, piped stdin, a real pseudo-terminal with
+Ctrl-D and Ctrl-C) and take it home (`shomin export` and the export stage: GGUF read back
+by transformers, merged and adapter folders read back by transformers and peft, model
+cards with the run's held-out figures)."""
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import ROOT
+
+SAMPLE = ROOT / "data" / "chat-sample.jsonl"
+STAGES = {"env_check": None, "model_init": None, "dataset": None,
+          "sft": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 4, "max_seq_length": 128,
+                  "learning_rate": 0.01, "save_steps": 2},
+          "merge": {"dtype": "float32"},
+          "evaluate": {"max_rows": 6, "num_prompts": 1, "max_new_tokens": 4, "max_seq_length": 128},
+          "export": {"formats": ["gguf", "adapter"], "gguf_type": "f16"}}
+
+
+def config(model, **changes) -> str:
+    stages = {**STAGES, **changes}
+    return yaml.safe_dump({"pipelines": {"tiny-chat": {
+        "model": {"source": str(model)},
+        "dataset": {"source": str(SAMPLE), "format": "chat", "system": "Be brief."},
+        "stages": {k: v for k, v in stages.items() if v != "drop"}}}}, sort_keys=False)
+
+
+def env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(ROOT)}
+
+
+def shomin(*args, cwd, stdin=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "shomin.flows.cli", *args], cwd=cwd, env=env(), input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, tiny_chat_model):
+    workdir = tmp_path_factory.mktemp("chat")
+    (workdir / "pipelines.yaml").write_text(config(tiny_chat_model))
+    r = shomin("run", "tiny-chat", "--refresh", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = [s.parent for s in (workdir / "runs" / "tiny-chat").glob("*/summary.json")]
+    return workdir, run, json.loads((run / "summary.json").read_text())
+
+
+def test_the_chat_chain_runs_and_cards_carry_its_figures(chat_run):
+    workdir, run, summary = chat_run
+    assert summary["status"] == "completed" and summary["command"] == "shomin run tiny-chat"
+    figures = summary["stages"]["evaluate"]["metrics"]
+    for folder in (run / "sft" / "adapter", run / "merge" / "model", run / "export" / "gguf", run / "export" / "adapter"):
+        card = (folder / "README.md").read_text()
+        assert card.startswith("---\n") and "library_name:" in card
+        assert f"{figures['loss_after']:.4f} ± {figures['loss_after_se']:.4f}" in card
+        assert "shomin run tiny-chat" in card
+    from huggingface_hub import ModelCard
+    assert ModelCard.load(run / "export" / "adapter" / "README.md").data.library_name == "peft"
+    from shomin.tasks.ground.rundir import intact
+    assert intact(run / "sft") and intact(run / "merge")   # the card is in the renewed manifest
+
+
+def test_prompt_answers_once_and_compare_answers_twice(chat_run):
+    workdir, run, _ = chat_run
+    r = shomin("chat", "tiny-chat", "--prompt", "How long should I boil an egg?", "--max-new-tokens", "5", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() and "Traceback" not in r.stderr
+    r = shomin("chat", str(run), "--prompt", "Hi", "--compare", "--max-new-tokens", "5", cwd=workdir)
+    assert r.returncode == 0 and r.stdout.startswith("tuned> ") and "\nbase>  " in r.stdout
+
+
+def test_piped_turns_keep_history_and_end_of_input_exits(chat_run):
+    workdir, run, _ = chat_run
+    r = shomin("chat", str(run), "--max-new-tokens", "4", cwd=workdir, stdin="Hello\n\n/reset\nAgain?\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(r.stdout.splitlines()) == 2          # two answers; the blank line and /reset are not turns
+    assert "you> " not in r.stdout and "/reset clears" in r.stderr
+
+
+def _read_until(fd, needle: bytes, seconds: float) -> bytes:
+    seen, end = b"", time.time() + seconds
+    while needle not in seen and time.time() < end:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+    return seen
+
+
+@pytest.mark.parametrize("leave", [b"\x04", b"\x03"], ids=["ctrl-d", "ctrl-c"])
+def test_a_terminal_session_streams_and_leaves_cleanly(chat_run, leave):
+    workdir, run, _ = chat_run
+    pid, fd = pty.fork()
+    if pid == 0:   # the child: shomin chat on a real pseudo-terminal
+        os.chdir(workdir)
+        os.execve(sys.executable, [sys.executable, "-m", "shomin.flows.cli", "chat", str(run),
+                                   "--max-new-tokens", "6"], env())
+    assert b"you> " in _read_until(fd, b"you> ", 240)
+    os.write(fd, "ゆで卵の時間は？\r".encode())
+    assert b"you> " in _read_until(fd, b"you> ", 120)       # answered, asked again
+    os.write(fd, leave)
+    rest = _read_until(fd, b"Traceback", 30)
+    for _ in range(60):   # bounded: a child that ignored the key must not hang the suite
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail(f"shomin chat did not leave after {leave!r}: {rest[-500:]!r}")
+    os.close(fd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and b"Traceback" not in rest
+
+
+def test_gguf_export_reads_back_with_matching_logits(chat_run):
+    from transformers import AutoModelForCausalLM
+    workdir, run, _ = chat_run
+    r = shomin("export", "tiny-chat", "--format", "gguf", "--outtype", "f16", "--out", str(workdir / "gguf"), cwd=workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (gguf_file,) = (workdir / "gguf").glob("*.gguf")
+    assert (workdir / "gguf" / "Modelfile").read_text().startswith("FROM ./")
+    merged = AutoModelForCausalLM.from_pretrained(run / "merge" / "model", dtype=torch.float32).eval()
+    back = AutoModelForCausalLM.from_pretrained(workdir / "gguf", gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 20, 40, 60, 80, 100, 120]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, back(ids).logits
+    assert (a - b).abs().max() < 1e-2 * a.abs().max()   # f16 weights: a rounding away
+
+
+def test_adapter_and_merged_exports_load_with_plain_libraries(chat_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    workdir, run, _ = chat_run
+    r = shomin("export", str(run), "--format", "merged", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged").eval()
+    reference = AutoModelForCausalLM.from_pretrained(run / "merge" / "model").eval()
+    base = AutoModelForCausalLM.from_pretrained(json.loads((run / "summary.json").read_text())
+                                                ["stages"]["model_init"]["artifacts"]["model"])
+    adapted = PeftModel.from_pretrained(base, run / "export" / "adapter").eval()
+    ids = torch.tensor([[1, 30, 50, 70]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, reference(ids).logits)
+        assert torch.allclose(adapted(ids).logits, reference(ids).logits, atol=1e-4)
+
+
+def test_chat_format_needs_a_chat_template(tmp_path, tiny_model):
+    (tmp_path / "pipelines.yaml").write_text(config(tiny_model))
+    r = shomin("run", "tiny-chat", cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "has no chat template" in r.stderr and str(tiny_model) in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_push_that_cannot_happen_is_refused_before_the_run(tmp_path, tiny_chat_model):
+    (tmp_path / "pipelines.yaml").write_text(config(tiny_chat_model, export={"push_to_hub": "someone/tiny-chat"}))
+    r = shomin("run", "tiny-chat", cwd=tmp_path)   # tests run with HF_HUB_OFFLINE=1
+    assert r.returncode == 2 and "stages.export.push_to_hub: someone/tiny-chat: HF_HUB_OFFLINE=1" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
