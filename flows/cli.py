@@ -193,7 +193,9 @@ def cmd_server(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from shomin.flows.runs import collect, render
+    from shomin.flows.runs import collect, render, watch
+    if args.watch:
+        return watch(args.file, args.pipeline)
     rows = collect(args.file, args.pipeline, workdir=".", mlflow=not args.no_mlflow, limit=args.limit)
     if args.json:
         import json
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--limit", type=int, default=20, help="most recent N per pipeline")
     ru.add_argument("--no-mlflow", action="store_true", help="only summary.json files")
     ru.add_argument("--json", action="store_true")
+    ru.add_argument("--watch", action="store_true", help="follow running pipelines: stage, step, metrics, time left")
     ru.set_defaults(fn=cmd_runs)
     co = sub.add_parser("compare", help="two runs' metrics side by side, with standard errors and what is within noise")
     co.add_argument("run_a", help="a run folder (runs/PIPELINE/RUN_ID) or PIPELINE/RUN_ID")

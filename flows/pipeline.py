@@ -14,9 +14,11 @@ from typing import Callable
 from prefect import flow
 from prefect.runtime import flow_run
 from shomin.flows.prefect_tasks import stage_task
+from shomin.flows.watch import StageWatcher
 from shomin.tasks import registry
 from shomin.tasks.ground.cards import write_run_cards
 from shomin.tasks.ground.contract import Stage
+from shomin.tasks.ground.progress import watched_by
 from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.rundir import RunDir, intact, new_run_id, settle_all, write_json
 from shomin.tasks.ground.settings import PipelineBase
@@ -55,14 +57,16 @@ class StageRunner:
         self.run.record_stage(stage.name, "running")   # what a kill leaves behind says where it happened
         t0, task_fn = time.time(), stage_task(stage)
         fn = task_fn.with_options(refresh_cache=True) if self.refresh else task_fn
-        state = fn(ctx, inputs, return_state=True)
+        settings = ctx.settings.model_dump(mode="json")
+        watcher = StageWatcher(stage.name, self.run.path, self.tracker,
+                               self.tracker.begin_stage(stage.name, settings, self.tags), intro=_intro(ctx))
+        state = _watched(fn, ctx, inputs, watcher)
         if state.is_completed():
             result = state.result()
             cached = state.name == "Cached"
             if cached and not intact(result.output_dir):  # the earlier run's folder is gone, or lost files
-                state = task_fn.with_options(refresh_cache=True)(ctx, inputs, return_state=True)
+                state = _watched(task_fn.with_options(refresh_cache=True), ctx, inputs, watcher)
                 result, cached = state.result(raise_on_failure=False), False
-        settings = ctx.settings.model_dump(mode="json")
         if not state.is_completed():
             error = state.result(raise_on_failure=False)
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -75,6 +79,22 @@ class StageRunner:
         self.run.record_stage(stage.name, status, result)
         self.tracker.log_stage(stage.name, status, settings, result, self.tags)
         return result
+
+
+def _watched(task_fn, ctx, inputs, watcher: StageWatcher):
+    """The stage task run with its progress reports going to `watcher`."""
+    with watched_by(watcher):
+        try:
+            return task_fn(ctx, inputs, return_state=True)
+        finally:
+            watcher.close()
+
+
+def _intro(ctx) -> str:
+    """What the stage's first log line says about where it runs."""
+    peak = ctx.planned_peak_gib()
+    return (f"[model {ctx.model.source}, {ctx.model.quantization}, on {ctx.device}"
+            + (f", planned peak {peak:.2f} GiB" if peak is not None else "") + "]")
 
 
 def run_stages(p: PipelineBase, run: StageRunner) -> dict[str, StageResult]:
@@ -112,6 +132,8 @@ def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list
     rundir.summary["mlflow_run_id"] = tracker.start(
         f"{p.name}/{rundir.run_id}", p.model_dump(mode="json", exclude={"stages"}), runner.tags)
     rundir.save()
+    if flow_run.ui_url:   # from MLflow back to the flow run's page (the other way is a Prefect artifact)
+        tracker.tag({"prefect.flow_run_url": flow_run.ui_url})
     try:
         results = run_stages(p, runner)
     except BaseException as e:

@@ -112,3 +112,54 @@ def _stage_cell(v: dict) -> str:
     mark = {"completed": "", "cached": "(c)", "failed": "(FAILED)"}.get(status, f"({status})")
     secs = v.get("seconds")
     return (f"{secs:.1f}s" if isinstance(secs, (int, float)) else "—") + mark
+
+
+def running(config_path: str | Path, only: str | None, workdir: Path) -> list[Path]:
+    """Run folders whose summary says `running` and whose process is still there."""
+    from shomin.tasks.ground.rundir import settle
+    folders = []
+    for name, pipeline in _pipelines(config_path, workdir).items():
+        if only and name != only:
+            continue
+        root = workdir / (pipeline.output_dir if pipeline is not None else "runs") / name
+        folders += [p.parent for p in sorted(root.glob("*/summary.json")) if (settle(p) or {}).get("status") == "running"]
+    return folders
+
+
+def watch_line(run: Path) -> str:
+    """`pipeline/run_id  stage  the stage's latest progress line` (progress.json, flows/watch.py)."""
+    import json
+    try:
+        state = json.loads((run / "progress.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    return f"{run.parent.name}/{run.name}  {state.get('line') or 'starting'}"
+
+
+def watch(config_path: str | Path, only: str | None, workdir: str | Path = ".", interval: float = 2.0,
+          out=None) -> int:
+    """Follows running pipelines from another shell until none is left (or Ctrl-C): one line
+    each time a run's stage, step or metrics change, then how each run ended."""
+    import json
+    import sys
+    import time
+    out, workdir = out or sys.stdout, Path(workdir)
+    last: dict[Path, str] = {}
+    seen = False
+    while True:
+        now = running(config_path, only, workdir)
+        seen = seen or bool(now)
+        for run in now:
+            line = watch_line(run)
+            if last.get(run) != line:
+                print(line, file=out, flush=True)
+                last[run] = line
+        for run in [r for r in last if r not in now]:
+            status = json.loads((run / "summary.json").read_text(encoding="utf-8")).get("status")
+            print(f"{run.parent.name}/{run.name}  {status}", file=out, flush=True)
+            del last[run]
+        if not now:
+            if not seen:
+                print(f"no run{' of ' + only if only else ''} is running", file=out, flush=True)
+            return 0
+        time.sleep(interval)

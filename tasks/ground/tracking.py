@@ -95,6 +95,7 @@ class Tracker:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
         self.stage_runs: dict[str, str] = {}   # stage -> the child run this tracker created for it
+        self.live_keys: dict[str, set[str]] = {}   # child run -> metric keys logged while it ran
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
@@ -108,19 +109,34 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i: i + 100])
 
+    def begin_stage(self, stage: str, settings: dict[str, Any], tags: dict[str, str]) -> str:
+        """The stage's child run, opened as the stage starts so curves can arrive while it runs."""
+        run = self.client.create_run(self.experiment_id, run_name=stage,
+                                     tags={**tags, "mlflow.parentRunId": self.parent_id, "stage": stage,
+                                           "status": "running"})
+        self.stage_runs[stage] = run.info.run_id
+        self._log_params(run.info.run_id, settings)
+        return run.info.run_id
+
+    def log_live(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """One step of a running stage, as the `curve/` metrics its log file would give at the end."""
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        batch = [Metric(f"curve/{k}", v, now, step) for k, v in metrics.items() if v == v]
+        self.live_keys.setdefault(run_id, set()).update(m.key for m in batch)
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
     def log_stage(self, stage: str, status: str, settings: dict[str, Any], result: StageResult | None,
                   tags: dict[str, str], error: str | None = None) -> str:
         from mlflow.entities import Metric
-        run = self.client.create_run(self.experiment_id, run_name=stage,
-                                     tags={**tags, "mlflow.parentRunId": self.parent_id, "stage": stage,
-                                           "status": status})
-        rid = run.info.run_id
-        self.stage_runs[stage] = rid
-        self._log_params(rid, settings)
+        rid = self.stage_runs.get(stage) or self.begin_stage(stage, settings, tags)
+        self.client.set_tag(rid, "status", status)
         now = int(time.time() * 1000)
         if result is not None:
             metrics = [Metric(k, float(v), now, 0) for k, v in result.metrics.items()]
-            metrics += curve_metrics(result)
+            live = self.live_keys.get(rid, set())   # curves already logged step by step stay as they are
+            metrics += [m for m in curve_metrics(result) if m.key not in live]
             for i in range(0, len(metrics), 1000):
                 self.client.log_batch(rid, metrics=metrics[i: i + 1000])
             self.client.log_metric(rid, "seconds", result.seconds)

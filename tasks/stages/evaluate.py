@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError
+from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import EvalResult
 from shomin.tasks.ground.rundir import markdown_cell, read_jsonl, staged_dir, write_json, write_text
 from shomin.tasks.ground.settings import Strict
@@ -113,6 +114,10 @@ def _measure(model, tok, rows, prompts, settings, device) -> tuple[tuple[list[fl
     return row_losses(model, tok, rows, settings, device), answer(model, tok, prompts, settings.max_new_tokens, device)
 
 
+def _mean(losses: tuple[list[float], list[int]]) -> float:
+    return sum(losses[0]) / sum(losses[1]) if sum(losses[1]) else math.nan
+
+
 def loss_report(before: tuple[list[float], list[int]], after: tuple[list[float], list[int]] | None,
                 max_seq_length: int = 0) -> dict:
     """Held-out loss before/after with standard errors across rows, and the paired change."""
@@ -139,8 +144,12 @@ def run(ctx: StageContext, inputs: Inputs) -> EvalResult:
     rows = read_jsonl(data.eval_path)
     shown, prompts = questions(tok, rows[: settings.num_prompts])
 
+    phases = 1 + (merged is not None or sft is not None) + (ppo is not None and merged is not None)
+    report = progress("evaluate", f"evaluate: {min(len(rows), settings.max_rows)} held-out rows, "
+                      f"{len(prompts)} prompts, {phases} models", phases)
     model = load_causal_lm(model_res.model_path, spec, device)
     losses_before, answers_before = _measure(model, tok, rows, prompts, settings, device)
+    report.update(1, {"loss_before": _mean(losses_before)})
     if merged is None and sft is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, sft.adapter_path)   # the same weights, adapter on
@@ -151,15 +160,18 @@ def run(ctx: StageContext, inputs: Inputs) -> EvalResult:
     losses_after = answers_after = None
     if model is not None:
         losses_after, answers_after = _measure(model, tok, rows, prompts, settings, device)
-    report = loss_report(losses_before, losses_after, settings.max_seq_length)
+        report.update(2, {"loss_after": _mean(losses_after)})
+    figures = loss_report(losses_before, losses_after, settings.max_seq_length)
     del model
     free()
     rlhf = _rlhf(ctx, tok, data.eval_path, merged, ppo)
     if rlhf:
-        report.update({k: v for k, v in rlhf.items() if k != "samples"})
+        figures.update({k: v for k, v in rlhf.items() if k != "samples"})
+        report.update(phases, {"reward_gain": rlhf["reward_gain"], "kl_ppo": rlhf["kl_ppo"]})
+    report.done(", ".join(f"{k} {figures[k]:.4f}" for k in ("loss_before", "loss_after", "reward_gain") if k in figures))
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(shown, answers_before, answers_after or [None] * len(prompts))]
-    return _write(ctx, report, samples, rlhf, t0)
+    return _write(ctx, figures, samples, rlhf, t0)
 
 
 def _rlhf(ctx: StageContext, tok, eval_path: str, merged, ppo) -> dict | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field
 from shomin.tasks.ground import hub
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
+from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import ModelResult
 from shomin.tasks.ground.rundir import intact, staged_dir, write_json
 from shomin.tasks.ground.settings import EMBEDDED_PREFIX, ModelSpec, Strict
@@ -48,7 +49,11 @@ def resolve_source(spec: ModelSpec, cache_dir: str | None = None) -> Path:
         name = hub.embedded_name(spec)
         dest = hub.embedded_folder(name, cache_dir)
         if not (dest / "config.json").exists() or not intact(dest):   # never, or cut short / damaged
+            report = progress("model_init", f"model_init: converting the embedded {name} GGUF to safetensors "
+                              f"(once) in {dest}", 1)
             _convert_embedded(name, dest)
+            report.update(1, {})
+            report.done(str(dest))
         return dest
     local = Path(spec.source).expanduser()
     if local.exists():

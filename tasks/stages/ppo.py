@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import TrainingDiverged
+from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import PolicyRecord, PpoResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
@@ -224,6 +225,8 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
 
     bar = tqdm(range(start + 1, settings.steps + 1), initial=start, total=settings.steps, desc="ppo",
                disable=not accelerator.is_local_main_process or os.environ.get("TQDM_DISABLE") == "1")
+    report = progress("ppo", f"ppo: {settings.steps} steps of {settings.batch_size} queries, reward "
+                      f"{settings.reward.kind}", settings.steps, first_step=start)
     for step in bar:
         t_step = time.time()
         rng = random.Random(f"{seed}-{rank}-{step}")  # batch and length depend on the step only: resumable
@@ -245,11 +248,15 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
         kl_ctl.update(entry["kl"], settings.batch_size * accelerator.num_processes)
         log.append(entry)
         bar.set_postfix(reward=f"{entry['reward_mean']:.3f}", kl=f"{entry['kl']:.3f}")
+        if accelerator.is_main_process:
+            report.update(step, {k: entry[k] for k in ("reward_mean", "kl", "kl_coef", "entropy", "step_seconds")}
+                          | {"lr": optimizer.param_groups[0]["lr"]})
         if accelerator.is_main_process and (step % settings.save_steps == 0 or step == settings.steps):
             save_checkpoint(ckpt_root, step, policy, optimizer, kl_ctl.value, log)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_outputs(ctx, policy, tok, log, merged_path)
+        report.done(f"reward {log[-1]['reward_mean']:.3f}, KL {log[-1]['kl']:.3f}" if log else "no steps")
     accelerator.wait_for_everyone()
     return _result(ctx, log, kl_ctl.value, t0, start if resumed is not None else None)
 

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError, TrainingDiverged
+from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import DataResult, ModelResult, SftResult
 from shomin.tasks.ground.rundir import read_jsonl, staged_dir, write_json
 from shomin.tasks.ground.settings import EMBEDDED_PREFIX, LoraSettings, ModelSpec, Strict
@@ -74,6 +75,33 @@ def finite_loss_callback():
                     raise TrainingDiverged(f"sft: {key} became {v} at step {state.global_step}; "
                                            "lower learning_rate or check the data")
     return StopOnNonFinite()
+
+
+def progress_callback():
+    """Reports each logged step (loss, learning rate, tokens/s) to whoever watches the stage."""
+    from transformers import TrainerCallback
+
+    class Reporting(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.report = progress("sft", f"sft: training to step {state.max_steps}", state.max_steps,
+                                   first_step=state.global_step)
+            self.tokens0 = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            metrics = dict(logs or {})
+            if "loss" not in metrics:   # the closing summary (train_runtime, ...) is not a step
+                return
+            tokens = metrics.get("num_tokens")
+            if tokens is not None:   # tokens/s over the steps this process has run
+                self.tokens0 = tokens if self.tokens0 is None else self.tokens0
+                seconds = time.time() - self.report.t0
+                metrics["tokens_per_s"] = (tokens - self.tokens0) / seconds if seconds > 0 else 0.0
+            self.report.update(state.global_step, metrics)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            losses = [e["loss"] for e in state.log_history if "loss" in e]
+            self.report.done(f"{state.global_step} steps" + (f", last loss {losses[-1]:.4f}" if losses else ""))
+    return Reporting()
 
 
 def _complete(ckpt: Path) -> bool:
@@ -146,7 +174,7 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
     rows = read_jsonl(data.train_path)
     train = Dataset.from_list(chat_rows(tok, rows, settings.max_seq_length) if data.format == "chat" else rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
-                         callbacks=[finite_loss_callback()])
+                         callbacks=[finite_loss_callback(), progress_callback()])
     return trainer, levers
 
 
