@@ -85,11 +85,8 @@ class StageWatcher:
 
     def _start_monitor(self) -> None:
         """MLflow's own system-metrics sampler (psutil; GPU figures when pynvml is installed)."""
-        if self.tracker is None or not self.mlflow_run:
-            return
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        self.monitor = SystemMetricsMonitor(self.mlflow_run, sampling_interval=5, tracking_uri=self.tracker.uri)
-        self.monitor.start()
+        if self.tracker is not None and self.mlflow_run:
+            self.monitor = self.tracker.system_monitor(self.mlflow_run)
 
     def _write(self, report: Report | None, line: str | None, done: bool = False) -> None:
         state = {"stage": self.stage, "updated_at": time.time(), "done": done}

@@ -119,6 +119,12 @@ def test_a_running_pipeline_shows_its_steps_everywhere(tmp_path, tiny_model):
         # progress artifacts: one per long stage, each ended at 100%
         assert {a.description.split(":")[0] for a in progress} >= {"sft", "ppo", "evaluate"}
         assert all(a.data == 100.0 for a in progress)
+        # MLflow's parent run links back to the flow run's page
+        from mlflow.tracking import MlflowClient
+        mlflow = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        (parent,) = mlflow.search_runs([mlflow.get_experiment_by_name("tiny").experiment_id],
+                                       "tags.`mlflow.runName` LIKE 'tiny/%'")
+        assert parent.data.tags["prefect.flow_run_url"].endswith(flow_run_id)
         # the terminal follower saw steps and the end
         assert " step " in watched and watched.rstrip().endswith("completed"), watched
         _logs_tab_screenshot(server_url, flow_run_id)

@@ -127,6 +127,14 @@ class Tracker:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
+    def system_monitor(self, run_id: str, every_s: float = 5.0):
+        """MLflow's own sampler of CPU, memory, disk (and GPU with pynvml) for a running stage; the
+        caller calls `.finish()` on it when the stage ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, tracking_uri=self.uri)
+        monitor.start()
+        return monitor
+
     def log_stage(self, stage: str, status: str, settings: dict[str, Any], result: StageResult | None,
                   tags: dict[str, str], error: str | None = None) -> str:
         from mlflow.entities import Metric
