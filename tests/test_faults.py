@@ -42,7 +42,8 @@ def test_a_full_disk_fails_with_one_line_and_the_same_command_then_finishes(tmp_
     assert "it had written" in line and "run the same command again" in line, line
     (run,) = [p.parent for p in small_disk.glob("p/*/summary.json")]
     left = sorted(p.name for p in run.rglob("*"))
-    assert left == ["summary.json"], left                     # no stage folder, no partial one, no temp file
+    # the run's own records only: no stage folder, no partial one, no temp file
+    assert left == ["pipeline.json", "summary.json"], left
     assert json.loads((run / "summary.json").read_text())["status"] == "failed"
 
     subprocess.run(["mount", "-o", "remount,size=1m", str(small_disk)], check=True)   # space freed
