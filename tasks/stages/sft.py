@@ -81,15 +81,19 @@ def progress_callback():
     """Reports each logged step (loss, learning rate, tokens/s) to whoever watches the stage."""
     from transformers import TrainerCallback
 
-    class Reporting(TrainerCallback):
+    class Reporting(TrainerCallback):   # under `accelerate launch` only the first process reports
+        report = None
+
         def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
             self.report = progress("sft", f"sft: training to step {state.max_steps}", state.max_steps,
                                    first_step=state.global_step)
             self.tokens0 = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             metrics = dict(logs or {})
-            if "loss" not in metrics:   # the closing summary (train_runtime, ...) is not a step
+            if self.report is None or "loss" not in metrics:   # the closing summary is not a step
                 return
             tokens = metrics.get("num_tokens")
             if tokens is not None:   # tokens/s over the steps this process has run
@@ -99,6 +103,8 @@ def progress_callback():
             self.report.update(state.global_step, metrics)
 
         def on_train_end(self, args, state, control, **kwargs):
+            if self.report is None:
+                return
             losses = [e["loss"] for e in state.log_history if "loss" in e]
             self.report.done(f"{state.global_step} steps" + (f", last loss {losses[-1]:.4f}" if losses else ""))
     return Reporting()
