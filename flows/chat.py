@@ -52,7 +52,7 @@ class Speaker:
         from contextlib import nullcontext
 
         from shomin.tasks.models.chat import ask, stream_answer
-        ids, _ = ask(self.tok, history, self.found.dataset_format, self.found.template)
+        ids = ask(self.tok, history, self.found.dataset_format, self.found.template)
         model, quiet = self.model, nullcontext()
         if base:
             model = self.base or self.model

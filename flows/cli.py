@@ -206,7 +206,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from shomin.flows.compare import compare, find_run, metrics_of, render
+    from shomin.flows.compare import compare, metrics_of, render
+    from shomin.tasks.ground.outputs import find_run
     a, b = find_run(args.run_a), find_run(args.run_b)
     rows = compare(metrics_of(a), metrics_of(b))
     if args.json:

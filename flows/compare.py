@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-from shomin.tasks.ground.outputs import find_run  # noqa: F401  (the CLI finds runs through here)
 from shomin.tasks.models.stats import within_noise
 
 

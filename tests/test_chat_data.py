@@ -149,7 +149,7 @@ def test_the_shipped_sample_is_valid_multi_turn_chat():
     assert sum(1 for r in rows if sum(m["role"] == "assistant" for m in r["messages"]) >= 2) >= 60
 
 
-def test_trl_trains_on_the_assistant_masks(tiny_chat_model):
+def test_trl_trains_on_the_assistant_masks(tiny_chat_model, tmp_path):
     """The labels SFTTrainer builds from the stage's rows are the ids on assistant tokens, -100 elsewhere."""
     from shomin.tasks.models.loading import load_tokenizer
     from shomin.tasks.stages.sft import chat_rows
@@ -159,7 +159,7 @@ def test_trl_trains_on_the_assistant_masks(tiny_chat_model):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_chat_model),
-                         args=SFTConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none",
+                         args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none",
                                         max_length=512),
                          train_dataset=Dataset.from_list(rows), processing_class=tok)
     sample = trainer.train_dataset[0]

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from shomin.tasks.ground.hub import EMBEDDED_ORIGIN, is_hub_id
+from shomin.tasks.ground.outputs import run_records
 from shomin.tasks.ground.settings import EMBEDDED_PREFIX
 LIBRARY = {"adapter": "peft", "merged": "transformers", "gguf": "gguf"}
 SHOWN_STAGES = ("sft", "merge", "ppo")
@@ -72,9 +73,7 @@ def render_card(summary: dict, pipeline: dict, kind: str, what: str) -> str:
 def write_card(folder: Path, run: Path, kind: str, what: str) -> Path:
     """README.md in `folder` for the weights a run made (its summary.json and pipeline.json)."""
     from shomin.tasks.ground.rundir import write_text
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    pipeline_file = run / "pipeline.json"
-    pipeline = json.loads(pipeline_file.read_text(encoding="utf-8")) if pipeline_file.exists() else {}
+    summary, pipeline = run_records(run)
     path = Path(folder) / "README.md"
     write_text(path, render_card(summary, pipeline, kind, what))
     return path
@@ -91,7 +90,7 @@ def write_run_cards(run: Path) -> list[Path]:
     carry its held-out figures. A cached stage's folder belongs to the run that made it and
     keeps that run's card. The stage folder's manifest is renewed to include the card."""
     from shomin.tasks.ground.rundir import write_manifest
-    stages = json.loads((run / "summary.json").read_text(encoding="utf-8")).get("stages") or {}
+    stages = run_records(run)[0].get("stages") or {}
     written = []
     for stage, artifact, kind, what in RUN_WEIGHTS:
         entry = stages.get(stage) or {}

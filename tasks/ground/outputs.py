@@ -54,6 +54,14 @@ def latest_completed(root: Path, pipeline: str) -> Path:
     raise ConfigError(f"{pipeline}: no completed run under {root / pipeline}; run `shomin run {pipeline}` first")
 
 
+def run_records(run: Path) -> tuple[dict, dict]:
+    """A run's summary.json and its resolved pipeline (pipeline.json; {} for runs made before it existed)."""
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    pipeline_file = run / "pipeline.json"
+    pipeline = json.loads(pipeline_file.read_text(encoding="utf-8")) if pipeline_file.exists() else {}
+    return summary, pipeline
+
+
 def _artifact(stages: dict, stage: str, name: str) -> Path | None:
     entry = stages.get(stage) or {}
     value = (entry.get("artifacts") or {}).get(name) if entry.get("status") in ("completed", "cached") else None
@@ -62,10 +70,8 @@ def _artifact(stages: dict, stage: str, name: str) -> Path | None:
 
 def run_model(run: Path) -> RunModel:
     """The run's result (see the module docstring); a ConfigError when nothing loadable is left."""
-    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    summary, pipeline = run_records(run)
     stages = summary.get("stages") or {}
-    pipeline_file = run / "pipeline.json"
-    pipeline = json.loads(pipeline_file.read_text(encoding="utf-8")) if pipeline_file.exists() else {}
     base, tokenizer = _artifact(stages, "model_init", "model"), _artifact(stages, "model_init", "tokenizer")
     if base is None or tokenizer is None:
         raise ConfigError(f"{run}: the run has no model (its model_init stage did not complete, or its files are gone)")

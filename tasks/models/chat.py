@@ -61,18 +61,17 @@ def generation_prompt(tok, messages: list[dict]) -> list[int]:
     return tok(render(tok, messages, True), add_special_tokens=False)["input_ids"]
 
 
-def ask(tok, history: list[dict], fmt: str, template: dict) -> tuple[list[int], bool]:
-    """Ids that ask a tuned model for its next answer, prompted as its run trained it, and
-    whether earlier turns are in them: chat data uses the chat template with the whole
+def ask(tok, history: list[dict], fmt: str, template: dict) -> list[int]:
+    """Ids that ask a tuned model for its next answer, prompted as its run trained it: chat data uses the chat template with the whole
     history; instruction data the run's own template around the last message (one turn, as
     it was trained); plain text is continued."""
     last = history[-1]["content"]
     if fmt == "chat" and getattr(tok, "chat_template", None):
-        return generation_prompt(tok, history), True
+        return generation_prompt(tok, history)
     if fmt == "instruction" and template:
         head = template["prompt_no_input"].format(instruction=last)
-        return tok(head + template["response"].split("{output}")[0])["input_ids"], False
-    return tok(last)["input_ids"], False
+        return tok(head + template["response"].split("{output}")[0])["input_ids"]
+    return tok(last)["input_ids"]
 
 
 def stream_answer(model, tok, prompt_ids: list[int], max_new_tokens: int, device: str,

@@ -19,23 +19,11 @@ from shomin.tasks.ground.rundir import staged_dir, write_text
 Format = Literal["gguf", "merged", "adapter"]
 GgufType = Literal["f16", "q8_0"]
 FORMATS: tuple[str, ...] = ("gguf", "merged", "adapter")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def _copy_tokenizer(src: Path, dest: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dest / name)
-
-
-def _saved_dtype(folder: Path):
-    import json
-
-    import torch
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name, torch.float32)
+    from shomin.tasks.models.loading import load_tokenizer
+    load_tokenizer(src).save_pretrained(dest)
 
 
 def merge_into(found: RunModel, dest: Path) -> None:
@@ -49,7 +37,7 @@ def merge_into(found: RunModel, dest: Path) -> None:
         from shomin.tasks.ground.settings import ModelSpec
         from shomin.tasks.models.loading import free, load_causal_lm
         base = load_causal_lm(found.weights, ModelSpec(source=str(found.weights)), "cpu", quantization="none",
-                              dtype=_saved_dtype(found.weights))
+                              dtype="auto")   # merged in the dtype the weights were saved in
         merged = PeftModel.from_pretrained(base, str(found.adapter)).merge_and_unload()
         merged.save_pretrained(dest, safe_serialization=True)
         del base, merged

@@ -66,8 +66,9 @@ def guard_bnb_cpu(model) -> int:
 
 
 def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization: str | None = None,
-                   dtype: torch.dtype | None = None):
-    """Weights from safetensors only; quantization defaults to the pipeline's."""
+                   dtype: torch.dtype | str | None = None):
+    """Weights from safetensors only; quantization defaults to the pipeline's; dtype "auto" keeps
+    the checkpoint's own."""
     from transformers import AutoModelForCausalLM
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # under `accelerate launch`: this process's GPU
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
