@@ -54,6 +54,19 @@ def prepare_tracking(p, workdir: str = ".") -> None:
         Tracker(p.tracking, p.tracking.experiment or p.name, workdir)
 
 
+def prefect_gone() -> str | None:
+    """PREFECT_API_URL when it is set and its server does not answer, else None."""
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        return None
+    import urllib.request
+    try:
+        urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=5).close()
+    except Exception:  # noqa: BLE001 - any failure to answer
+        return api
+    return None
+
+
 def cmd_validate(args) -> int:
     from shomin.tasks import registry
     pipelines = registry.load_config(args.file)
@@ -93,14 +106,37 @@ def cmd_run(args) -> int:
         prepare_tracking(p)
     except ConfigError as e:
         raise ConfigError(registry.locate(str(e), args.file, p.name)) from None
+    if api := prefect_gone():
+        raise ConfigError(f"PREFECT_API_URL: the Prefect server at {api} does not answer; start it "
+                          "(`shomin server --detach`), or unset PREFECT_API_URL to run on a throwaway server")
     from shomin.flows.pipeline import StageFailed, run_pipeline
+    from shomin.tasks.ground.rundir import settle
+    started: list[str] = []
+
+    def on_start(run_id: str) -> None:
+        started.append(run_id)
+        print(f"shomin: {args.pipeline} run {run_id}", file=sys.stderr)
     try:
-        summary = run_pipeline(args.pipeline, args.file, args.set, refresh=args.refresh,
-                               on_start=lambda rid: print(f"shomin: {args.pipeline} run {rid}", file=sys.stderr))
-    except StageFailed as e:
+        summary = run_pipeline(args.pipeline, args.file, args.set, refresh=args.refresh, on_start=on_start)
+    except Exception as e:
+        if api := prefect_gone():   # the server died under the run; summary.json says how far it got
+            summary = settle(Path(p.output_dir) / p.name / started[0] / "summary.json") if started else None
+            if summary and summary.get("status") == "completed":   # the stages carry on without it
+                print(f"shomin: warning: the Prefect server at {api} stopped answering during the run; every stage "
+                      "finished, but its UI does not show the end of this run", file=sys.stderr)
+                return _report(summary, p)
+            return _fail(f"the Prefect server at {api} stopped answering ({type(e).__name__}); the run stopped and "
+                         "its summary.json says where; start the server again (`shomin server --detach`) and run "
+                         "the same command again: finished stages come from the cache", 1)
+        if not isinstance(e, StageFailed):
+            raise
         if isinstance(e.error, ConfigError):  # a user mistake found only inside a stage
             return _fail(f"stage '{e.stage}': {_one_line(e.error)}", 2)
         return _fail(_one_line(e), 1)
+    return _report(summary, p)
+
+
+def _report(summary: dict, p) -> int:
     run_dir = Path(p.output_dir) / p.name / summary["run_id"]
     print(f"shomin: {summary['status']}: {run_dir}/summary.json")
     for stage, entry in summary["stages"].items():

@@ -114,6 +114,12 @@ def _publish(summary: dict, results: dict, tracker: Tracker, p: PipelineBase) ->
         print(f"shomin: warning: could not publish artifacts ({type(e).__name__}: {e})", file=sys.stderr)
 
 
+def _note_lost_tracking(rundir: RunDir, tracker: Tracker) -> None:
+    """A tracking server that died mid-run: the summary says so (its figures are all there)."""
+    if tracker.lost:
+        rundir.summary["tracking_lost"] = tracker.lost
+
+
 @flow(name="shomin", flow_run_name=_flow_run_name, validate_parameters=False)
 def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list[str] | None = None,
                   run_id: str | None = None, refresh: bool = False, workdir: str = ".") -> dict:
@@ -138,10 +144,12 @@ def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list
         results = run_stages(p, runner)
     except BaseException as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _note_lost_tracking(rundir, tracker)
         rundir.finish("failed", message)
         _publish(rundir.summary, {}, tracker, p)  # stage artifacts are in the summary
         tracker.finish("failed")
         raise
+    _note_lost_tracking(rundir, tracker)
     rundir.finish("completed")
     try:
         write_run_cards(rundir.path)

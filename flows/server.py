@@ -59,7 +59,11 @@ def prefect_command(port: int, host: str = HOST) -> list[str]:
 def mlflow_command(workdir: Path, port: int, host: str = HOST) -> list[str]:
     return [_bin("mlflow"), "server", "--host", host, "--port", str(port),
             "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-            "--artifacts-destination", str(workdir / "mlartifacts"), "--workers", "1"]
+            "--artifacts-destination", str(workdir / "mlartifacts"),
+            # new experiments keep their artifacts at a plain path (as `shomin run` without a server
+            # makes them), not at mlflow-artifacts:/ which only a running server can resolve: a run
+            # made after the server stopped still logs to an experiment the server created
+            "--default-artifact-root", (workdir / "mlartifacts").resolve().as_uri(), "--workers", "1"]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:

@@ -52,10 +52,12 @@ class StageWatcher:
         if now - self.last_line >= self.every_s or (report.total and report.step >= report.total):
             self.last_line = now
             _logger().info(report.line())
-        if self.artifact is not None:
-            self._quietly(self._update_artifact, 100 * report.fraction)
+        if self.artifact is not None and not self._quietly(self._update_artifact, 100 * report.fraction):
+            self.artifact = None   # the Prefect server is away: stop asking it (each ask retries for a minute)
         if self.tracker is not None and self.mlflow_run:
             self._quietly(self.tracker.log_live, self.mlflow_run, report.metrics, report.step)
+            if self.tracker.lost:   # its server died: stop sampling into it
+                self.close()
         self._write(report, None)
 
     def finished(self, line: str) -> None:
@@ -97,8 +99,11 @@ class StageWatcher:
             state["line"] = line
         self._quietly(write_json, self.run_folder / "progress.json", state)
 
-    def _quietly(self, fn, *args) -> None:
+    def _quietly(self, fn, *args) -> bool:
+        """fn(*args); False when it failed (logged at debug level: watching must never cost the run)."""
         try:
             fn(*args)
-        except Exception as e:  # noqa: BLE001 - watching must never cost the run
+        except Exception as e:  # noqa: BLE001
             fallback.debug("shomin: watcher %s: %s", getattr(fn, "__name__", fn), e)
+            return False
+        return True

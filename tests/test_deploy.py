@@ -131,7 +131,25 @@ def test_runs_lists_summaries_and_mlflow(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(330)
+def _wait_for_run(http, deployment: str, state: str, deadline: float, serve_proc, tmp_path) -> dict:
+    """The first flow run of `deployment` that ended in `state`; no run may end otherwise meanwhile."""
+    while time.monotonic() < deadline:
+        runs = http.post("/flow_runs/filter", json={
+            "flow_runs": {"deployment_id": {"any_": [deployment]},
+                          "state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
+            "sort": "EXPECTED_START_TIME_ASC", "limit": 20}).json()
+        other = [fr for fr in runs if fr["state_type"] not in (state, "FAILED" if state == "COMPLETED" else state)]
+        assert not other, (other[0]["state"], (tmp_path / "serve.log").read_text()[-4000:])
+        found = next((fr for fr in runs if fr["state_type"] == state), None)
+        if found is not None:
+            return found
+        assert serve_proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        time.sleep(2)
+    raise AssertionError(f"no scheduled run ended {state}:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+
+
 def test_schedule_fires_and_completes_on_a_real_server(tmp_path, tiny_model):
+    """A scheduled run that fails leaves `serve` running and the schedule firing: the next one completes."""
     from shomin.flows.server import free_port
     cfg = tmp_path / "pipelines.yaml"
     cfg.write_text(tiny_chain(tiny_model, sft=SFT, evaluate=EVALUATE, extra=EXTRA))
@@ -151,6 +169,7 @@ def test_schedule_fires_and_completes_on_a_real_server(tmp_path, tiny_model):
         api = f"http://127.0.0.1:{port}/api"
         t_server = time.monotonic() - t0
         # `serve` finds the detached server through .prefect/shomin-servers.json
+        (tmp_path / "runs").write_text("not a folder")   # the first scheduled run fails on it
         serve_proc = subprocess.Popen([sys.executable, "-m", "shomin.flows.cli", "serve", "tiny"], cwd=tmp_path, env=env,
                                       stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
@@ -165,19 +184,13 @@ def test_schedule_fires_and_completes_on_a_real_server(tmp_path, tiny_model):
             assert dep is not None, "deployment never registered"
             assert dep["schedules"][0]["schedule"]["cron"] == "* * * * *"
             assert dep["parameters"]["overrides"] == ["stages.evaluate.num_prompts=2"]
-            done = None
-            while done is None and time.monotonic() < deadline:
-                runs = http.post("/flow_runs/filter", json={
-                    "flow_runs": {"deployment_id": {"any_": [dep["id"]]},
-                                  "state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}},
-                    "limit": 20}).json()
-                failed = [fr for fr in runs if fr["state_type"] in ("FAILED", "CRASHED")]
-                assert not failed, (failed[0]["state"], (tmp_path / "serve.log").read_text()[-4000:])
-                done = next((fr for fr in runs if fr["state_type"] == "COMPLETED"), None)
-                if done is None:
-                    assert serve_proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                    time.sleep(2)
-            assert done is not None, "no scheduled run completed in 240 s:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+            # the first scheduled run fails (its output folder is blocked by a file); `serve` must
+            # outlive it and the schedule fire again
+            failed = _wait_for_run(http, dep["id"], "FAILED", deadline, serve_proc, tmp_path)
+            assert serve_proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            (tmp_path / "runs").unlink()
+            done = _wait_for_run(http, dep["id"], "COMPLETED", deadline + 120, serve_proc, tmp_path)
+            assert done["expected_start_time"] > failed["expected_start_time"]
             assert done["auto_scheduled"] and done["name"].startswith("tiny:")
             tasks = http.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [done["id"]]}}, "limit": 50}).json()
             assert sorted(t["name"].rsplit("-", 1)[0] for t in tasks) == sorted(STAGES)

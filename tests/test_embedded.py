@@ -48,3 +48,20 @@ def test_sft_on_embedded_model_lowers_loss_and_adapter_loads(embedded, tmp_path)
     peft_model = PeftModel.from_pretrained(base, out.adapter_path)   # the plain PEFT API loads it
     x = torch.tensor([[1, 2, 3, 4]])
     assert torch.isfinite(peft_model(x).logits).all()
+
+
+def test_a_half_converted_model_is_converted_again(embedded):
+    """A conversion cut short (a killed process, a full disk) or a damaged copy is never passed on:
+    the next look converts again. (Last in this module: it rewrites the shared conversion.)"""
+    from pathlib import Path
+    from shomin.tasks.ground.hub import safetensors_problem
+    from shomin.tasks.stages.model_init import resolve_source
+    spec, res = embedded
+    weights = Path(res.model_path) / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 3)
+    assert "cut short" in safetensors_problem(weights)
+    cache = str(Path(res.model_path).parents[1])
+    assert resolve_source(spec, cache) == Path(res.model_path)
+    assert weights.stat().st_size == size and safetensors_problem(weights) is None

@@ -114,6 +114,28 @@ def test_last_checkpoint_skips_one_cut_off_mid_save(tmp_path):
     assert last_checkpoint(tmp_path) == (str(tmp_path / "checkpoint-4"), 4)
 
 
+def test_a_full_disk_during_a_checkpoint_save_leaves_no_half_checkpoint(tmp_path):
+    """ENOSPC while saving: the store's temp folder goes, and a Trainer checkpoint cut off
+    mid-save is pruned, so only complete checkpoints stay for the rerun."""
+    from shomin.tasks.ground import checkpoints as store
+    from shomin.tasks.stages.sft import _complete
+
+    def fills_the_disk(tmp):
+        (tmp / "adapter_model.safetensors").write_bytes(b"x" * 10)
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        store.save(tmp_path, "checkpoint", 3, fills_the_disk, _complete)
+    assert list(tmp_path.iterdir()) == []
+    for step, whole in ((2, True), (4, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if whole:
+            (d / "trainer_state.json").write_text("{}")
+    assert store.prune_incomplete(tmp_path, "checkpoint", _complete) == ["checkpoint-4"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="flock is POSIX")
 def test_checkpoint_lock_gives_a_concurrent_run_its_own_folder(tmp_path):
     from shomin.tasks.ground.checkpoints import claim

@@ -86,7 +86,11 @@ def save(folder: str | Path, prefix: str, step: int, write: Callable[[Path], Non
     tmp = folder / f".{prefix}-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:   # a full disk, a crash: no half-written temp folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = folder / f"{prefix}-{step}"
     if final.exists():
         shutil.rmtree(final)
@@ -94,3 +98,16 @@ def save(folder: str | Path, prefix: str, step: int, write: Callable[[Path], Non
     for _, old in complete(folder, prefix, is_complete)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def prune_incomplete(folder: str | Path, prefix: str, is_complete: Callable[[Path], bool]) -> list[str]:
+    """Remove checkpoints cut off mid-save (and temp folders of `save`), e.g. after the disk
+    filled during one; the complete ones stay for the rerun. Returns the names removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    cut = [p for p in folder.glob(f"{prefix}-*") if _step(p, prefix) is not None and not is_complete(p)]
+    cut += [p for p in folder.glob(f".{prefix}-*.tmp-*") if p.is_dir()]
+    for p in cut:
+        shutil.rmtree(p, ignore_errors=True)
+    return sorted(p.name for p in cut)

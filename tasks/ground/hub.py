@@ -89,13 +89,55 @@ def check_source(spec: ModelSpec, where: str = "model.source") -> None:
         raise ConfigError(f"{where}: {src} is neither a local folder nor a hub id (org/name)")
 
 
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file, read from its header alone: missing, cut short,
+    or not safetensors at all. The header says where the last tensor ends, so a file cut
+    off mid-download or mid-copy is told from a whole one without reading the weights."""
+    import json
+    import struct
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length)) if 0 < length < size else None
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    except (OSError, ValueError, struct.error):
+        header = None
+    if not isinstance(header, dict):
+        return f"{path.name} is not a whole safetensors file"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return None if size == 8 + length + end else f"{path.name} is cut short ({size} of {8 + length + end} bytes)"
+
+
+def weights_problem(folder: Path) -> str | None:
+    """A checkpoint folder missing config.json, a shard its index lists, or holding a cut-short
+    safetensors file (an interrupted download, copy or conversion), else None."""
+    import json
+    if not (folder / "config.json").is_file():
+        return "config.json is missing"
+    index = folder / "model.safetensors.index.json"
+    names = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else [p.name for p in folder.glob("*.safetensors")])
+    if not names:
+        return "no .safetensors weights"
+    return next(filter(None, (safetensors_problem(folder / n) for n in names)), None)
+
+
 def download(spec: ModelSpec, cache_dir: str | None = None) -> Path:
-    """A hub snapshot (safetensors and tokenizer files only) in the cache; offline, a cache lookup."""
+    """A hub snapshot (safetensors and tokenizer files only) in the cache; offline, a cache lookup.
+    A snapshot left half-downloaded (a killed download, a removed blob) is fetched again whole
+    when the hub is reachable, and refused with one line when it is not: never passed on."""
     from huggingface_hub import snapshot_download
     cache = cache_root(cache_dir) / "hub"
     try:
-        return Path(snapshot_download(spec.source, revision=spec.revision, cache_dir=str(cache),
+        path = Path(snapshot_download(spec.source, revision=spec.revision, cache_dir=str(cache),
                                       allow_patterns=HUB_PATTERNS))
+        problem = weights_problem(path)
+        if problem and not hub_offline():
+            path = Path(snapshot_download(spec.source, revision=spec.revision, cache_dir=str(cache),
+                                          allow_patterns=HUB_PATTERNS, force_download=True))
+            problem = weights_problem(path)
     except Exception as e:  # offline, unknown repo, gated: all user-facing
         if hub_offline():
             raise ConfigError(f"model.source: '{spec.source}' is not in the local cache ({cache}) and "
@@ -103,6 +145,11 @@ def download(spec: ModelSpec, cache_dir: str | None = None) -> Path:
                               "(unset HF_HUB_OFFLINE), or point model.source at a local folder") from None
         raise ConfigError(f"model.source: cannot fetch '{spec.source}' from the hub "
                           f"({type(e).__name__}); check the id and network, or unset HF_HUB_OFFLINE") from None
+    if problem:
+        raise ConfigError(f"model.source: the cached snapshot of '{spec.source}' in {path} is incomplete ({problem})"
+                          + ("; HF_HUB_OFFLINE=1 keeps the hub off: unset it so it is downloaded again"
+                             if hub_offline() else " even after downloading it again; check the repository"))
+    return path
 
 
 def check_available(spec: ModelSpec, cache_dir: str | None = None) -> None:

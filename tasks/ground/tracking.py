@@ -8,10 +8,12 @@ and long values are cut to MLflow's limit instead of failing the run.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -75,13 +77,53 @@ def git_commit(cwd: str | Path = ".") -> str | None:
         return None
 
 
+def server_gone(uri: str) -> bool:
+    """A tracking server that no longer answers (a sqlite store is never 'gone')."""
+    try:
+        check_reachable(uri, timeout=3.0)
+    except ConfigError:
+        return True
+    return False
+
+
+def best_effort(default: Any = None):
+    """For Tracker calls made while a run is under way: when the tracking server has stopped
+    answering, say so once and go on without it (summary.json keeps the run's records), so a
+    server that dies mid-run never costs the training. Other errors are real and raised."""
+    def wrap(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            if self.lost:
+                return default
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:
+                if not server_gone(self.uri):
+                    raise
+                if not self.lost:
+                    self.lost = (f"MLflow at {redact('uri', self.uri)} stopped answering "
+                                 f"({type(e).__name__}); the run went on without it")
+                    print(f"shomin: warning: {self.lost}; its figures are in summary.json", file=sys.stderr)
+                return default
+        return guarded
+    return wrap
+
+
 class Tracker:
-    """A pipeline run's MLflow parent and its stage children."""
+    """A pipeline run's MLflow parent and its stage children. Once the run has started, a
+    tracking server that dies is noted (`lost`) and the run goes on without it."""
 
     def __init__(self, tracking: Tracking, experiment: str, workdir: str | Path = "."):
         import mlflow
         from mlflow.tracking import MlflowClient
         self.uri = tracking_uri(tracking, workdir)
+        if self.uri.startswith(("http://", "https://")):
+            # MLflow's default is 7 retries with growing back-off (minutes per call) when its server
+            # is away; a few seconds tell a restart from a server that is gone
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        self.lost: str | None = None   # why the run went on without its tracking server
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         exp = self.client.get_experiment_by_name(experiment)
@@ -103,12 +145,14 @@ class Tracker:
         self._log_params(self.parent_id, params)
         return self.parent_id
 
+    @best_effort()
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
         items = [Param(k, redact(k, v)) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i: i + 100])
 
+    @best_effort("")
     def begin_stage(self, stage: str, settings: dict[str, Any], tags: dict[str, str]) -> str:
         """The stage's child run, opened as the stage starts so curves can arrive while it runs."""
         run = self.client.create_run(self.experiment_id, run_name=stage,
@@ -118,6 +162,7 @@ class Tracker:
         self._log_params(run.info.run_id, settings)
         return run.info.run_id
 
+    @best_effort()
     def log_live(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         """One step of a running stage, as the `curve/` metrics its log file would give at the end."""
         from mlflow.entities import Metric
@@ -127,6 +172,7 @@ class Tracker:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
+    @best_effort()
     def system_monitor(self, run_id: str, every_s: float = 5.0):
         """MLflow's own sampler of CPU, memory, disk (and GPU with pynvml) for a running stage; the
         caller calls `.finish()` on it when the stage ends."""
@@ -135,6 +181,7 @@ class Tracker:
         monitor.start()
         return monitor
 
+    @best_effort("")
     def log_stage(self, stage: str, status: str, settings: dict[str, Any], result: StageResult | None,
                   tags: dict[str, str], error: str | None = None) -> str:
         from mlflow.entities import Metric
@@ -156,6 +203,7 @@ class Tracker:
         self.client.set_terminated(rid, "FINISHED" if status in ("completed", "cached") else "FAILED")
         return rid
 
+    @best_effort()
     def _log_artifacts(self, run_id: str, folder: Path) -> None:
         budget = ARTIFACT_BYTES
         for f in sorted(folder.rglob("*")):
@@ -165,6 +213,7 @@ class Tracker:
             sub = f.parent.relative_to(folder).as_posix()
             self.client.log_artifact(run_id, str(f), None if sub == "." else sub)
 
+    @best_effort()
     def finish(self, status: str, metrics: dict[str, float] | None = None) -> None:
         from mlflow.entities import Metric
         if metrics:
@@ -175,6 +224,7 @@ class Tracker:
 
     # ------------------------------------------------------------ after the stages (flows/artifacts.py)
 
+    @best_effort()
     def tag(self, tags: dict[str, str], stages: bool = False) -> None:
         """Tags on the parent run (and every stage run, with `stages`); empty values are skipped."""
         for rid in [self.parent_id, *(self.stage_runs.values() if stages else [])]:
@@ -182,18 +232,22 @@ class Tracker:
                 if v:
                     self.client.set_tag(rid, k, v)
 
+    @best_effort()
     def parent_tag(self, key: str) -> str | None:
         return self.client.get_run(self.parent_id).data.tags.get(key)
 
+    @best_effort()
     def log_file(self, path: str | Path, folder: str, stage: str | None = None) -> None:
         """A file on the parent run, and on `stage`'s run when given."""
         for rid in filter(None, (self.stage_runs.get(stage) if stage else None, self.parent_id)):
             self.client.log_artifact(rid, str(path), folder)
 
+    @best_effort()
     def log_table(self, data: dict[str, list], name: str, stage: str | None = None) -> None:
         for rid in filter(None, (self.stage_runs.get(stage) if stage else None, self.parent_id)):
             self.client.log_table(rid, data=data, artifact_file=name)
 
+    @best_effort()
     def register(self, model_name: str, stage: str, path: str | Path, kind: str, run_id: str) -> dict | None:
         """`path` (a stage's output) as a new version of MLflow model `model_name`: from the stage
         run's artifacts when it logged them (small enough), else from the local path."""

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
-from shomin.tasks.ground.errors import ConfigError, TrainingDiverged
+from shomin.tasks.ground.errors import ConfigError, TrainingDiverged, is_disk_full
 from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import DataResult, ModelResult, SftResult
 from shomin.tasks.ground.rundir import read_jsonl, staged_dir, write_json
@@ -194,6 +194,10 @@ def run(ctx: StageContext, inputs: Inputs) -> SftResult:
                                     ckpt_root, ctx.seed)
     try:
         output = trainer.train(resume_from_checkpoint=resume)
+    except Exception as e:
+        if is_disk_full(e):   # the Trainer's checkpoint-N cut off mid-save must not look like a resume point
+            store.prune_incomplete(ckpt_root, "checkpoint", _complete)
+        raise
     finally:
         levers.restore()
     if not math.isfinite(output.training_loss):
