@@ -71,6 +71,21 @@ class PpoResult(StageResult):
     policy: PolicyRecord
 
 
+class RewardModelResult(StageResult):
+    """A LoRA reward model: `model_path` holds the adapter and the trained score head on top of
+    `base_path` (the merged SFT model); peft's AutoPeftModelForSequenceClassification loads it."""
+    model_path: str
+    base_path: str
+
+
+class TunedPolicyResult(StageResult):
+    """A policy LoRA on the merged SFT model, trained by dpo or grpo; with the adapter disabled the
+    same weights are the reference. `policy` says how grpo sampled and judged (None for dpo)."""
+    adapter_path: str
+    steps: int
+    policy: PolicyRecord | None = None
+
+
 class EvalResult(StageResult):
     eval_json: str
     eval_md: str

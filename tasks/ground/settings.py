@@ -55,7 +55,7 @@ class Template(Strict):
 
 class DatasetSpec(Strict):
     source: str = Field(description="Hub dataset id, or a local .jsonl/.json/.csv/.parquet file.")
-    format: Literal["instruction", "text", "chat"] = Field("instruction", description="instruction: instruction/input/output columns; text: one text column; chat: conversations (a `messages` column of role/content, ShareGPT `conversations` of from/value, or instruction rows as one turn) rendered with the model's chat template, the loss on every assistant turn.")
+    format: Literal["instruction", "text", "chat", "preference"] = Field("instruction", description="instruction: instruction/input/output columns; text: one text column; chat: conversations (a `messages` column of role/content, ShareGPT `conversations` of from/value, or instruction rows as one turn) rendered with the model's chat template, the loss on every assistant turn; preference: pairs of a `prompt` and a `chosen` and a `rejected` answer (strings, or role/content message lists), for reward_model, dpo and SFT on the chosen answers.")
     text_column: str = Field("text", description="Column holding the text (format: text).")
     split: str = Field("train", description="Hub split to read.")
     template: Template = Field(default_factory=Template)
@@ -69,7 +69,8 @@ class DatasetSpec(Strict):
     def _used_by_the_format(self) -> "DatasetSpec":
         # a setting the chosen format never reads would silently do nothing
         unused = {"instruction": ("text_column", "system"), "text": ("template", "system"),
-                  "chat": ("text_column", "template")}[self.format]
+                  "chat": ("text_column", "template"),
+                  "preference": ("text_column", "template", "system")}[self.format]
         for name in unused:
             if changed(self, name):
                 raise ValueError(f"`{name}` is not used with format {self.format!r}; remove it or change `format`")
@@ -100,12 +101,13 @@ class LoraSettings(Strict):
 class RewardSettings(Strict):
     """How generated text is scored during PPO."""
 
-    kind: Literal["vader", "hf-classifier", "function"] = Field(
+    kind: Literal["vader", "hf-classifier", "function", "trained"] = Field(
         default="vader",
         description=(
             "Which reward to use: 'vader' (VADER compound sentiment in [-1, 1], no model needed), "
-            "'hf-classifier' (a Hugging Face sequence-classification model), or "
-            "'function' (your own Python function, see `function`)."
+            "'hf-classifier' (a Hugging Face sequence-classification model), "
+            "'function' (your own Python function, see `function`), or "
+            "'trained' (the reward model the pipeline's own reward_model stage trained)."
         ),
     )
     model: str | None = Field(

@@ -38,12 +38,18 @@ RewardFn = Callable[[list[str]], list[float]]
 _NO_LIMIT = 1_000_000
 
 
-def build_reward(settings: RewardSettings, device: str = "cpu") -> RewardFn:
+def build_reward(settings: RewardSettings, device: str = "cpu", trained: str | None = None) -> RewardFn:
     """Return a callable mapping ``list[str]`` to ``list[float]`` of the same length.
+    `trained` is the folder of the run's own reward model (kind 'trained').
 
     Raises :class:`RewardError` for configuration problems (model cannot be
     loaded, label missing, bad function spec, ...).
     """
+    if settings.kind == "trained":
+        if trained is None:
+            raise RewardError("kind 'trained' scores with the pipeline's own reward model: add a reward_model stage")
+        from shomin.tasks.models.trained_reward import build_trained_reward
+        return build_trained_reward(trained, device)
     if settings.kind == "vader":
         return _build_vader()
     if settings.kind == "hf-classifier":
@@ -324,6 +330,13 @@ def check_reward(settings: RewardSettings, before_run: bool, where: str = "stage
     except RewardError as e:
         field = "function" if settings.kind == "function" else ("positive_label" if "positive_label" in str(e) else "model")
         raise ConfigError(f"{where}.{field}: {e}") from None
+
+
+def check_trained_reward(pipeline, settings: RewardSettings, where: str) -> None:
+    """kind 'trained' scores with the reward model this pipeline trains: it needs that stage."""
+    if settings.kind == "trained" and getattr(pipeline.stages, "reward_model", None) is None:
+        raise ConfigError(f"{where}.kind: 'trained' scores with the pipeline's own reward model; add a "
+                          "`reward_model:` stage (and a preference dataset) or choose another kind")
 
 
 def _local_folder(name: str):

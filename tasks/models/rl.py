@@ -115,7 +115,7 @@ def score(reward_fn, tok, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_policy(merged_path: str, adapter_path: str, spec: ModelSpec, settings: PolicyRecord,
                     queries: list[str], *, device: str = "cpu", seed: int = 0, samples: int = 1,
-                    max_new_tokens: int | None = None) -> dict:
+                    max_new_tokens: int | None = None, scorers: dict | None = None) -> dict:
     """Reward of the SFT model vs the PPO policy on the same queries, and the policy's KL from the SFT model,
     each with its standard error across queries (tasks/models/stats.py).
 
@@ -124,61 +124,71 @@ def evaluate_policy(merged_path: str, adapter_path: str, spec: ModelSpec, settin
     are seeded alike, so they share random numbers and the gain is a paired difference. KL is
     sum(logp_policy - logp_sft) over the policy's own samples: an unbiased estimate of KL(policy || SFT).
     One model in memory: the SFT side is the same model under disable_adapter(). The caller's random
-    state is left as it was.
+    state is left as it was. `scorers` names the reward functions that judge both sides (default:
+    {"reward": the policy's own reward}); each gives `<name>_sft`, `<name>_ppo`, `<name>_gain`.
     """
     device = resolve_device(device)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith("cuda") else []):
-        return _evaluate(merged_path, adapter_path, spec, settings, queries, device, seed, samples, max_new_tokens)
+        return _evaluate(merged_path, adapter_path, spec, settings, queries, device, seed, samples, max_new_tokens,
+                         scorers)
 
 
-def _evaluate(merged_path, adapter_path, spec, settings, queries, device, seed, samples, max_new_tokens) -> dict:
+def _evaluate(merged_path, adapter_path, spec, settings, queries, device, seed, samples, max_new_tokens,
+              scorers) -> dict:
     from peft import PeftModel
     tok = load_tokenizer(merged_path, spec.trust_remote_code)
     tok.padding_side = "left"
     lm = PeftModel.from_pretrained(load_causal_lm(merged_path, spec, device, quantization=settings.quantization),
                                    adapter_path)
     policy = PolicyWithValue(lm, settings.temperature, value_head=False).eval()
-    reward_fn = build_reward(settings.reward, device)
+    if scorers is None:
+        scorers = {"reward": build_reward(settings.reward, device)}
     eos_ids = eos_token_ids(tok, lm, lm.device)
     length = max_new_tokens or settings.response_max_tokens
-    per_query = {side: [[] for _ in queries] for side in ("sft", "ppo", "kl")}
+    keys = [f"{name}_{side}" for name in scorers for side in ("sft", "ppo")] + ["kl"]
+    per_query = {key: [[] for _ in queries] for key in keys}
     shown: list[dict] = []
     for k in range(samples):
         for i in range(0, len(queries), settings.batch_size):
             chunk = queries[i:i + settings.batch_size]
-            texts, scores, kls = _paired_batch(policy, tok, chunk, settings, length, eos_ids, reward_fn,
-                                               seed=seed * 1_000_003 + k * 10_007 + i)
-            for j in range(len(chunk)):
-                for side in ("sft", "ppo"):
-                    per_query[side][i + j].append(scores[side][j])
-                per_query["kl"][i + j].append(kls[j])
+            texts, scores = _paired_batch(policy, tok, chunk, settings, length, eos_ids, scorers,
+                                          seed=seed * 1_000_003 + k * 10_007 + i)
+            for key in keys:
+                for j in range(len(chunk)):
+                    per_query[key][i + j].append(scores[key][j])
             if k == 0:
-                shown += [{"query": q, "sft": s, "ppo": p, "reward_sft": rs, "reward_ppo": rp}
-                          for q, s, p, rs, rp in zip(chunk, texts["sft"], texts["ppo"], scores["sft"], scores["ppo"])]
-    return {**paired_report(per_query), "samples_per_query": samples, "n_queries": len(queries), "samples": shown}
+                shown += [{"query": q, "sft": texts["sft"][j], "ppo": texts["ppo"][j],
+                           **{key: scores[key][j] for key in keys if key != "kl"}} for j, q in enumerate(chunk)]
+    return {**paired_report(per_query, list(scorers)), "samples_per_query": samples, "n_queries": len(queries),
+            "samples": shown}
 
 
-def _paired_batch(policy, tok, chunk, settings, length, eos_ids, reward_fn, seed: int):
-    """One batch sampled by both sides with the same random numbers; KL on the policy's own samples."""
+def _paired_batch(policy, tok, chunk, settings, length, eos_ids, scorers: dict, seed: int):
+    """One batch sampled by both sides with the same random numbers, judged by every scorer; KL on
+    the policy's own samples."""
     lm, texts, scores = policy.lm, {}, {}
     for side in ("sft", "ppo"):
         torch.manual_seed(seed)
         with lm.disable_adapter() if side == "sft" else nullcontext():
             batch = rollout(policy, tok, chunk, settings, length, eos_ids)
-        scores[side] = score(reward_fn, tok, batch).tolist()
+        for name, fn in scorers.items():
+            scores[f"{name}_{side}"] = score(fn, tok, batch).tolist()
         texts[side] = [tok.decode(r[m.bool()], skip_special_tokens=True)
                        for r, m in zip(batch["response"], batch["response_mask"])]
     logprobs, _, _ = forward(policy, batch)  # batch = the policy's own samples
     with lm.disable_adapter():
         ref_logprobs, _, _ = forward(policy, batch)
-    return texts, scores, ((logprobs - ref_logprobs) * batch["response_mask"]).sum(1).tolist()
+    scores["kl"] = ((logprobs - ref_logprobs) * batch["response_mask"]).sum(1).tolist()
+    return texts, scores
 
 
-def paired_report(per_query: dict[str, list[list[float]]]) -> dict:
-    """Per-query means of K samples, then mean ± standard error across queries; the gain paired."""
-    sft, ppo, kl = ([stats.mean(v) for v in per_query[side]] for side in ("sft", "ppo", "kl"))
+def paired_report(per_query: dict[str, list[list[float]]], names: list[str]) -> dict:
+    """Per-query means of K samples, then mean ± standard error across queries; each gain paired."""
+    means = {key: [stats.mean(v) for v in values] for key, values in per_query.items()}
     out = {}
-    for name, values in (("reward_sft", sft), ("reward_ppo", ppo), ("kl_ppo", kl)):
-        out[name], out[f"{name}_se"] = stats.mean_se(values)
-    out["reward_gain"], out["reward_gain_se"] = stats.paired(sft, ppo)
+    out["kl_ppo"], out["kl_ppo_se"] = stats.mean_se(means["kl"])
+    for name in names:
+        for side in ("sft", "ppo"):
+            out[f"{name}_{side}"], out[f"{name}_{side}_se"] = stats.mean_se(means[f"{name}_{side}"])
+        out[f"{name}_gain"], out[f"{name}_gain_se"] = stats.paired(means[f"{name}_sft"], means[f"{name}_ppo"])
     return out

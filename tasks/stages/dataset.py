@@ -1,6 +1,7 @@
 """Stage dataset: load rows, validate them with pandera, apply the prompt template,
 split train/eval by seed, write the templated sets as JSONL. Chat rows are checked
-turn by turn and written as role/content messages.
+turn by turn and written as role/content messages; preference rows are checked pair
+by pair and written as prompt/chosen/rejected (tasks/ground/preferences.py).
 
 Validation runs before any model is loaded (also from `shomin validate`), and
 names the file, row and column of every problem it finds, so a bad row costs
@@ -21,6 +22,7 @@ from pydantic import Field
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.conversations import read_conversations
 from shomin.tasks.ground.errors import DataError
+from shomin.tasks.ground.preferences import read_preferences
 from shomin.tasks.ground.records import DataResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import DatasetSpec, Strict
@@ -116,13 +118,16 @@ def _read_hub(spec: DatasetSpec) -> pd.DataFrame:
     return ds.to_pandas()
 
 
-def validate_rows(df: pd.DataFrame, spec: DatasetSpec, label: str) -> pd.DataFrame | list[list[dict]]:
+def validate_rows(df: pd.DataFrame, spec: DatasetSpec, label: str) -> pd.DataFrame | list[list[dict]] | list[dict]:
     """pandera, lazily: every failing row/column is collected, the first few named. Chat rows
-    are lists of messages, checked message by message (tasks/ground/conversations.py)."""
+    are lists of messages, checked message by message (tasks/ground/conversations.py);
+    preference rows pair by pair (tasks/ground/preferences.py)."""
     if df.empty:
         raise DataError(f"{label}: dataset is empty")
     if spec.format == "chat":
         return read_conversations(df, spec.system, spec.allow_extra_columns, label)
+    if spec.format == "preference":
+        return read_preferences(df, spec.allow_extra_columns, label)
     if spec.format == "instruction" and "input" not in df.columns:
         df = df.assign(input="")
     try:
@@ -156,9 +161,12 @@ def _describe(cases: pd.DataFrame) -> str:
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
-def apply_template(df: pd.DataFrame | list[list[dict]], spec: DatasetSpec) -> list[dict]:
+def apply_template(df: pd.DataFrame | list[list[dict]] | list[dict], spec: DatasetSpec) -> list[dict]:
     """Rows as the SFT stage reads them. Chat rows stay messages: only the model's own
-    tokenizer can render them (its chat template), and the dataset stage loads no model."""
+    tokenizer can render them (its chat template), and the dataset stage loads no model.
+    Preference rows are already in the one shape reward_model and dpo read."""
+    if spec.format == "preference":
+        return df
     if spec.format == "chat":
         return [{"messages": m} for m in df]
     if spec.format == "text":

@@ -18,14 +18,15 @@ from pydantic import Field
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError
 from shomin.tasks.ground.progress import progress
-from shomin.tasks.ground.records import EvalResult
+from shomin.tasks.ground.records import EvalResult, PolicyRecord
 from shomin.tasks.ground.rundir import markdown_cell, read_jsonl, staged_dir, write_json, write_text
-from shomin.tasks.ground.settings import Strict
+from shomin.tasks.ground.settings import RewardSettings, Strict
 from shomin.tasks.ground.conversations import last_exchange
 from shomin.tasks.models import chat
 from shomin.tasks.models import memory as mem
 from shomin.tasks.models import stats
 from shomin.tasks.models.loading import free, load_causal_lm, load_tokenizer
+from shomin.tasks.models.preference_eval import chosen_row
 
 
 class EvaluateSettings(Strict):
@@ -38,6 +39,12 @@ class EvaluateSettings(Strict):
     samples_per_query: int = Field(8, gt=0, description="RLHF pipelines: responses sampled per held-out query and side "
                                    "(SFT, PPO), with the same random numbers on both sides. The standard error of the "
                                    "gain falls about as 1/sqrt(this): 8 keeps it near 0.03 on imdb-rlhf-local's 36 queries.")
+    judge: RewardSettings | None = Field(None, description="A second reward that judges the SFT model and the tuned "
+                                         "policy on the same samples, one the policy was not trained on (e.g. vader on "
+                                         "review data after PPO against a trained reward model); for a dpo policy, the "
+                                         "only reward. Reported as judge_sft, judge_ppo, judge_gain.")
+    preference_pairs: int = Field(64, ge=0, description="Preference data: held-out pairs judged by the tuned policy's "
+                                  "implicit reward (log-ratio to the SFT model): pref_accuracy, pref_margin.")
 
 
 def _encode(tok, row: dict, max_len: int) -> tuple[list[int], list[int]]:
@@ -139,9 +146,11 @@ def run(ctx: StageContext, inputs: Inputs) -> EvalResult:
     t0, settings, spec, device = time.time(), ctx.settings, ctx.model, ctx.device
     torch.manual_seed(ctx.seed)
     model_res, data = inputs["model_init"], inputs["dataset"]
-    sft, merged, ppo = inputs.get("sft"), inputs.get("merge"), inputs.get("ppo")
+    sft, merged = inputs.get("sft"), inputs.get("merge")
+    ppo = next((inputs[k] for k in POLICY_STAGES if k in inputs), None)   # the tuned policy, if any
     tok = load_tokenizer(model_res.tokenizer_path, spec.trust_remote_code)
-    rows = read_jsonl(data.eval_path)
+    pairs = read_jsonl(data.eval_path) if data.format == "preference" else []
+    rows = [chosen_row(r) for r in pairs] if pairs else read_jsonl(data.eval_path)
     shown, prompts = questions(tok, rows[: settings.num_prompts])
 
     phases = 1 + (merged is not None or sft is not None) + (ppo is not None and merged is not None)
@@ -164,24 +173,52 @@ def run(ctx: StageContext, inputs: Inputs) -> EvalResult:
     figures = loss_report(losses_before, losses_after, settings.max_seq_length)
     del model
     free()
-    rlhf = _rlhf(ctx, tok, data.eval_path, merged, ppo)
+    rlhf = _rlhf(ctx, tok, data.eval_path, merged, ppo, inputs.get("reward_model"))
     if rlhf:
         figures.update({k: v for k, v in rlhf.items() if k != "samples"})
-        report.update(phases, {"reward_gain": rlhf["reward_gain"], "kl_ppo": rlhf["kl_ppo"]})
+        report.update(phases, {k: rlhf[k] for k in ("reward_gain", "kl_ppo") if k in rlhf})
+    if pairs and ppo is not None and merged is not None and ctx.settings.preference_pairs:
+        from shomin.tasks.models.preference_eval import preference_accuracy
+        figures.update(preference_accuracy(merged.merged_path, ppo.adapter_path, spec,
+                                           pairs[: ctx.settings.preference_pairs], device=device,
+                                           quantization=_record(ctx, ppo).quantization))
     report.done(", ".join(f"{k} {figures[k]:.4f}" for k in ("loss_before", "loss_after", "reward_gain") if k in figures))
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(shown, answers_before, answers_after or [None] * len(prompts))]
     return _write(ctx, figures, samples, rlhf, t0)
 
 
-def _rlhf(ctx: StageContext, tok, eval_path: str, merged, ppo) -> dict | None:
-    """Reward before/after PPO and the policy's KL, sampled as the PPO stage sampled."""
-    if ppo is None or merged is None or not ctx.settings.reward_prompts:
+POLICY_STAGES = ("ppo", "grpo", "dpo")   # stages whose result is a policy LoRA on the merged model
+
+
+def _record(ctx: StageContext, policy) -> PolicyRecord:
+    """How to sample the policy: as its stage sampled (ppo, grpo), or plainly (dpo samples nothing)."""
+    if getattr(policy, "policy", None) is not None:
+        return policy.policy
+    return PolicyRecord(quantization=ctx.model.quantization if ctx.model.quantization == "4bit" else "none",
+                        reward=ctx.settings.judge or RewardSettings(), batch_size=ctx.settings.batch_size,
+                        query_min_tokens=2, query_max_tokens=8, response_max_tokens=ctx.settings.max_new_tokens,
+                        top_k=0, top_p=1.0, temperature=1.0)
+
+
+def _rlhf(ctx: StageContext, tok, eval_path: str, merged, policy, reward_model) -> dict | None:
+    """Reward (by the run's own reward, and by the judge) of the SFT model and the tuned policy,
+    and the policy's KL, sampled as its stage sampled."""
+    if policy is None or merged is None or not ctx.settings.reward_prompts:
         return None
+    from shomin.tasks.models.reward import build_reward
     from shomin.tasks.models.rl import build_queries, evaluate_policy
-    queries = build_queries(eval_path, tok, ppo.policy, ctx.seed)[: ctx.settings.reward_prompts]
-    return evaluate_policy(merged.merged_path, ppo.adapter_path, ctx.model, ppo.policy, queries,
-                           device=ctx.device, seed=ctx.seed, samples=ctx.settings.samples_per_query)
+    record = _record(ctx, policy)
+    scorers = {}
+    if getattr(policy, "policy", None) is not None:   # trained against a reward: judge by it
+        scorers["reward"] = build_reward(record.reward, ctx.device,
+                                         trained=reward_model.model_path if reward_model else None)
+    if ctx.settings.judge is not None:
+        scorers["judge"] = build_reward(ctx.settings.judge, ctx.device)
+    queries = build_queries(eval_path, tok, record, ctx.seed)[: ctx.settings.reward_prompts]
+    return {**evaluate_policy(merged.merged_path, policy.adapter_path, ctx.model, record, queries, device=ctx.device,
+                              seed=ctx.seed, samples=ctx.settings.samples_per_query, scorers=scorers),
+            "policy_stage": policy.stage}
 
 
 def _write(ctx: StageContext, report: dict, samples: list[dict], rlhf: dict | None, t0: float) -> EvalResult:
@@ -213,16 +250,28 @@ def render_markdown(report: dict, samples: list[dict], rlhf: dict | None) -> str
     lines.append(f"| held-out perplexity | {report['perplexity_before']:.4f} | "
                  f"{'—' if after is None else f'{after:.4f}'} | |")
     if rlhf:
-        lines.append(f"| mean reward (SFT → PPO; {rlhf['n_queries']} queries x {rlhf['samples_per_query']} samples) | "
-                     f"{pm(rlhf, 'reward_sft')} | {pm(rlhf, 'reward_ppo')} | {pm(rlhf, 'reward_gain')} |")
+        stage = rlhf.get("policy_stage", "ppo").upper()
+        for name, what in (("reward", "mean reward"), ("judge", "mean judge score")):
+            if f"{name}_sft" in rlhf:
+                lines.append(f"| {what} (SFT → {stage}; {rlhf['n_queries']} queries x {rlhf['samples_per_query']} "
+                             f"samples) | {pm(rlhf, f'{name}_sft')} | {pm(rlhf, f'{name}_ppo')} | {pm(rlhf, f'{name}_gain')} |")
         lines.append(f"| KL to reference, nats | 0 | {pm(rlhf, 'kl_ppo')} | |")
+    if "pref_accuracy" in report:
+        lines.append(f"| held-out pairs preferred by the implicit reward ({report['n_pairs']} pairs) | | "
+                     f"{pm(report, 'pref_accuracy')} | |")
+        lines.append(f"| implicit reward margin, chosen − rejected | 0 | {pm(report, 'pref_margin')} | |")
     lines += ["", "## Answers before and after", "", "| prompt | before | after |", "|---|---|---|"]
     lines += [f"| {markdown_cell(s['prompt'])} | {markdown_cell(s['before'])} | {markdown_cell(s['after'])} |" for s in samples]
     if rlhf and rlhf.get("samples"):
         lines += ["", "## Before and after PPO", "", "| query | SFT | PPO |", "|---|---|---|"]
-        lines += [f"| {markdown_cell(s['query'])} | {markdown_cell(s['sft'])} ({s['reward_sft']:.2f}) | "
-                  f"{markdown_cell(s['ppo'])} ({s['reward_ppo']:.2f}) |" for s in rlhf["samples"][:8]]
+        key = "reward" if "reward_sft" in rlhf else "judge"
+        lines += [f"| {markdown_cell(s['query'])} | {markdown_cell(s['sft'])}{_score(s, f'{key}_sft')} | "
+                  f"{markdown_cell(s['ppo'])}{_score(s, f'{key}_ppo')} |" for s in rlhf["samples"][:8]]
     return "\n".join(lines) + "\n"
+
+
+def _score(sample: dict, key: str) -> str:
+    return f" ({sample[key]:.2f})" if key in sample else ""
 
 
 def plan(ev: EvaluateSettings, inputs: mem.PlanInputs) -> dict:
@@ -237,6 +286,6 @@ def plan(ev: EvaluateSettings, inputs: mem.PlanInputs) -> dict:
     return {"weights": w, "forward": infer, "generation": gen, "total": w + max(infer, gen)}
 
 
-STAGE = Stage("evaluate", EvaluateSettings, run, plan=plan, needs=("model_init", "dataset"), uses=("sft", "merge", "ppo"),
+STAGE = Stage("evaluate", EvaluateSettings, run, plan=plan, needs=("model_init", "dataset"), uses=("sft", "merge", "reward_model", *POLICY_STAGES),
               lower=("batch_size", "max_seq_length", "max_new_tokens"), advice="set model.quantization: 4bit",
               help="Held-out loss and answers before/after; for RLHF pipelines reward and KL before/after PPO.")

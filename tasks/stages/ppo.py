@@ -45,7 +45,7 @@ from shomin.tasks.models.ppo_math import (
     shaped_rewards,
     whiten,
 )
-from shomin.tasks.models.reward import build_reward, check_reward
+from shomin.tasks.models.reward import build_reward, check_reward, check_trained_reward
 from shomin.tasks.models.rl import PolicyWithValue, build_queries, eos_token_ids, forward, rollout, score
 
 
@@ -219,7 +219,8 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
     resumed = (checkpoints(ckpt_root) or [None])[-1]
     start, log = load_checkpoint(resumed, policy, optimizer, kl_ctl) if resumed else (0, [])
     model, optimizer = accelerator.prepare(policy, optimizer)
-    reward_fn = build_reward(settings.reward, device)
+    trained = inputs.get("reward_model")
+    reward_fn = build_reward(settings.reward, device, trained=trained.model_path if trained else None)
     queries = build_queries(inputs["dataset"].train_path, tok, settings, seed)
     eos_ids = eos_token_ids(tok, policy.lm, policy.v_head.weight.device)
 
@@ -318,9 +319,11 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
 
 def check(pipeline, settings: PpoSettings, before_run: bool) -> None:
     check_reward(settings.reward, before_run, "stages.ppo.reward")
+    check_trained_reward(pipeline, settings.reward, "stages.ppo.reward")
 
 
-STAGE = Stage("ppo", PpoSettings, run, plan=plan, check=check, needs=("merge", "dataset"), checkpoints=True,
+STAGE = Stage("ppo", PpoSettings, run, plan=plan, check=check, needs=("merge", "dataset"), uses=("reward_model",),
+              checkpoints=True,
               lower=("mini_batch_size", "batch_size", "response_max_tokens"),
               advice="set stages.ppo.quantization: 4bit",
               help="RLHF: a second LoRA on the merged model, trained with PPO against a reward; "

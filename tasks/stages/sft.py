@@ -26,6 +26,7 @@ from shomin.tasks.models import levers as speed
 from shomin.tasks.models import memory as mem
 from shomin.tasks.models.chat import encode, require_template
 from shomin.tasks.models.loading import guard_bnb_cpu, load_causal_lm, load_tokenizer, lora_config
+from shomin.tasks.models.preference_eval import chosen_row
 
 
 class SftSettings(Strict):
@@ -168,7 +169,7 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         # deprecated); pyproject requires transformers >= 5 for exactly this
         lr_scheduler_type=settings.lr_scheduler, warmup_steps=settings.warmup_ratio,
         weight_decay=settings.weight_decay, optim=settings.optim, max_length=settings.max_seq_length,
-        completion_only_loss=settings.completion_only_loss if data.format == "instruction" else None,
+        completion_only_loss=settings.completion_only_loss if data.format in ("instruction", "preference") else None,
         gradient_checkpointing=settings.gradient_checkpointing and not levers.own_checkpointing,
         # non-reentrant checkpointing and no unused-parameter search: what DDP needs with a frozen base
         gradient_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
@@ -178,7 +179,10 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         padding_free=settings.padding_free,
     )
     rows = read_jsonl(data.train_path)
-    train = Dataset.from_list(chat_rows(tok, rows, settings.max_seq_length) if data.format == "chat" else rows)
+    if data.format == "preference":   # SFT on preference pairs: the chosen answers, the loss on them only
+        rows = [chosen_row(r) for r in rows]
+    chat = data.format == "chat" or (data.format == "preference" and "messages" in rows[0])
+    train = Dataset.from_list(chat_rows(tok, rows, settings.max_seq_length) if chat else rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                          callbacks=[finite_loss_callback(), progress_callback()])
     return trainer, levers
