@@ -54,10 +54,23 @@ def redact(key: str, value: Any) -> str:
     if SECRET_KEY.search(key) or SECRET_VALUE.match(text.strip()):
         return "***"
     # environment-style secrets pasted into a value
-    for name, env_value in os.environ.items():
-        if SECRET_KEY.search(name) and len(env_value) >= 8 and env_value in text:
+    for env_value in env_secrets():
+        if env_value in text:
             text = text.replace(env_value, "***")
     return text[:MAX_PARAM]
+
+
+def env_secrets() -> list[str]:
+    """Values of secret-looking environment variables. Another thread (MLflow's telemetry) may
+    add or drop a variable while os.environ is walked, which raises KeyError mid-walk (seen
+    in bench/faults.py): walk again rather than fail the run, or redact nothing."""
+    for attempt in range(5):
+        try:
+            return [v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 8]
+        except (KeyError, RuntimeError):
+            if attempt == 4:
+                raise
+    return []
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
