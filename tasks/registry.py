@@ -19,7 +19,7 @@ from shomin.tasks.ground.errors import ConfigError, DiskFull, OutOfMemory, is_di
 from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.settings import PipelineBase, StagesBase, Strict
 from shomin.tasks.models.loading import EIGHT_BIT_NEEDS_CUDA, resolve_device
-from shomin.tasks.stages import dataset, env_check, evaluate, export, merge, model_init, ppo, sft
+from shomin.tasks.stages import dataset, dpo, env_check, evaluate, export, grpo, merge, model_init, ppo, reward_model, sft
 
 STAGES: list[Stage] = [
     env_check.STAGE,
@@ -27,7 +27,10 @@ STAGES: list[Stage] = [
     dataset.STAGE,
     sft.STAGE,
     merge.STAGE,
+    reward_model.STAGE,
     ppo.STAGE,
+    dpo.STAGE,
+    grpo.STAGE,
     evaluate.STAGE,
     export.STAGE,
 ]

@@ -94,7 +94,7 @@ TIERS = {
     "unit": {"test_ppo_math", "test_config", "test_data", "test_records", "test_reward", "test_env_check",
              "test_layers", "test_levers", "test_fast_lora", "test_stats",
              "test_compare"},
-    "stage": {"test_ppo", "test_checkpointing", "test_embedded", "test_reliability", "test_chat_data", "test_prefs_data",
+    "stage": {"test_ppo", "test_checkpointing", "test_embedded", "test_reliability", "test_chat_data", "test_prefs_data", "test_reward_model", "test_dpo", "test_grpo",
               "test_gguf_export"},
     "e2e": {"test_pipeline", "test_deploy", "test_ui", "test_mlflow_plots", "test_resume", "test_bad_input",
             "test_faults", "test_stage_contract", "test_chat", "test_watch"},

@@ -29,14 +29,13 @@ from pydantic import Field, model_validator
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError, TrainingDiverged, is_disk_full
+from shomin.tasks.ground.preferences import COLUMNS
 from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import DataResult, TunedPolicyResult
 from shomin.tasks.ground.rundir import read_jsonl, staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, Strict
 from shomin.tasks.models import stats
 from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, lora_config
-
-COLUMNS = ("prompt", "chosen", "rejected")
 
 
 class DpoSettings(Strict):
@@ -71,8 +70,8 @@ class DpoSettings(Strict):
 
 
 def preference_rows(path: str, tok, where: str) -> list[dict]:
-    """The pairs with only the three columns TRL reads (it would take extras such as `tools` for
-    its own). Conversational pairs are rendered with the model's chat template, so it must have one."""
+    """The pairs as the dataset stage wrote them (tasks/ground/preferences.py), only the three columns
+    TRL should read (it would take extras such as `tools` for its own). Conversational pairs are rendered with the model's chat template, so it must have one."""
     rows = [{k: r[k] for k in COLUMNS} for r in read_jsonl(path)]
     if not rows:
         raise ConfigError(f"{where}: no preference pairs; dpo needs training and held-out pairs")

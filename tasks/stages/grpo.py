@@ -30,13 +30,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
-from shomin.tasks.ground.errors import ConfigError, TrainingDiverged, is_disk_full
+from shomin.tasks.ground.errors import TrainingDiverged, is_disk_full
 from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import PolicyRecord, TunedPolicyResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, RewardSettings, Strict
 from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, lora_config
-from shomin.tasks.models.reward import build_reward, check_reward
+from shomin.tasks.models.reward import build_reward, check_reward, check_trained_reward
 from shomin.tasks.models.rl import build_queries
 
 
@@ -49,7 +49,8 @@ class GrpoSettings(Strict):
                                description="The policy's LoRA. dropout must be 0: the KL to the reference is taken "
                                            "on the function that sampled.")
     steps: int = Field(20, gt=0, description="Optimizer steps (one group of completions per prompt each).")
-    batch_size: int = Field(4, gt=0, description="Prompts per optimizer step; each gets num_generations completions.")
+    batch_size: int = Field(4, gt=0, description="Prompts per optimizer step (per process); each gets "
+                                                 "num_generations completions.")
     num_generations: int = Field(4, ge=2, description="Group size: completions sampled per prompt (2 at least: the "
                                                       "advantage compares a completion with its group).")
     learning_rate: float = Field(1e-5, gt=0, description="Constant learning rate of the LoRA (AdamW).")
@@ -90,7 +91,7 @@ def reward_function(reward_fn, tok, name: str):
 
 
 def prompt_rows(queries: list[str], batch_size: int) -> list[dict]:
-    """TRL's sampler drops a last batch short of `batch_size` prompts: a smaller set is repeated."""
+    """TRL's sampler drops a batch short of `batch_size` prompts (every process's): a smaller set is repeated."""
     return [{"prompt": q} for q in queries * math.ceil(batch_size / len(queries))]
 
 
@@ -113,7 +114,8 @@ def trainer_config(settings: GrpoSettings, spec, device: str, output_dir: Path, 
         num_generations=settings.num_generations, max_completion_length=settings.response_max_tokens,
         temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, beta=settings.beta,
         learning_rate=settings.learning_rate, lr_scheduler_type="constant",  # as PPO: no decay over a short run
-        gradient_checkpointing=settings.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing=settings.gradient_checkpointing,
+        **({"gradient_checkpointing_kwargs": {"use_reentrant": False}} if settings.gradient_checkpointing else {}),
         logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
         report_to="none", use_cpu=device == "cpu", bf16=device == "cuda" and spec.dtype in ("auto", "bfloat16"),
         fp16=False, dataloader_num_workers=0)
@@ -164,10 +166,11 @@ def build_trainer(ctx: StageContext, inputs: Inputs):
     trained = inputs["reward_model"].model_path if "reward_model" in inputs else None
     reward = reward_function(build_reward(settings.reward, device, trained=trained), tok, settings.reward.kind)
     queries = build_queries(inputs["dataset"].train_path, tok, settings, ctx.seed)
+    args = trainer_config(settings, spec, device, ctx.checkpoints(), ctx.seed)
+    rows = prompt_rows(queries, args.generation_batch_size // settings.num_generations)  # all processes' prompts
     trainer_cls = GRPOTrainer if settings.algorithm == "grpo" else RLOOTrainer
-    return trainer_cls(model=lm, reward_funcs=reward, processing_class=tok,
-                       args=trainer_config(settings, spec, device, ctx.checkpoints(), ctx.seed),
-                       train_dataset=Dataset.from_list(prompt_rows(queries, settings.batch_size)),
+    return trainer_cls(model=lm, reward_funcs=reward, processing_class=tok, args=args,
+                       train_dataset=Dataset.from_list(rows),
                        peft_config=lora_config(settings.lora), callbacks=[watch_callback(settings)])
 
 
@@ -213,9 +216,7 @@ def summary_metrics(log: list[dict], steps: int, runtime: float) -> dict[str, fl
 
 def check(pipeline, settings: GrpoSettings, before_run: bool) -> None:
     check_reward(settings.reward, before_run, where="stages.grpo.reward")
-    if settings.reward.kind == "trained" and getattr(pipeline.stages, "reward_model", None) is None:
-        raise ConfigError("stages.grpo.reward.kind: 'trained' scores with the pipeline's own reward model; add a "
-                          "`reward_model:` stage before grpo, or choose another kind")
+    check_trained_reward(pipeline, settings.reward, "stages.grpo.reward")
 
 
 STAGE = Stage("grpo", GrpoSettings, run, check=check, needs=("dataset", "merge"), uses=("reward_model",),

@@ -45,7 +45,7 @@ class RewardModelSettings(Strict):
     max_length: int = Field(512, gt=0, description="Tokens of prompt + answer; pairs with a longer side are left out, in training and in the held-out scores.")
     logging_steps: int = Field(5, gt=0, description="Log loss, accuracy and margin every N steps.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (resumable).")
-    quantization: Literal["none", "4bit"] = Field("none", description="4bit: load the merged base in bitsandbytes 4-bit (QLoRA, model.bnb_4bit_* settings); the LoRA and score head stay in full precision.")
+    quantization: Literal["none", "4bit"] = Field("none", description="4bit: load the merged base in bitsandbytes 4-bit (QLoRA, model.bnb_4bit_* settings); the LoRA in bfloat16 as TRL keeps it for QLoRA, the score head in float32.")
     center_rewards_coefficient: float | None = Field(None, ge=0, description="Weight of a penalty on the squared rewards that keeps them centred on zero (Eisenstein et al. 2023); 0.01 is usual; null = off.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
 
