@@ -97,7 +97,7 @@ TIERS = {
     "stage": {"test_ppo", "test_checkpointing", "test_embedded", "test_reliability", "test_chat_data", "test_prefs_data", "test_reward_model", "test_dpo", "test_grpo",
               "test_gguf_export"},
     "e2e": {"test_pipeline", "test_deploy", "test_ui", "test_mlflow_plots", "test_resume", "test_bad_input",
-            "test_faults", "test_stage_contract", "test_chat", "test_watch"},
+            "test_faults", "test_stage_contract", "test_chat", "test_watch", "test_prefs_pipelines"},
 }
 
 

@@ -118,7 +118,7 @@ def test_a_full_disk_during_a_checkpoint_save_leaves_no_half_checkpoint(tmp_path
     """ENOSPC while saving: the store's temp folder goes, and a Trainer checkpoint cut off
     mid-save is pruned, so only complete checkpoints stay for the rerun."""
     from shomin.tasks.ground import checkpoints as store
-    from shomin.tasks.stages.sft import _complete
+    _complete = store.trainer_complete
 
     def fills_the_disk(tmp):
         (tmp / "adapter_model.safetensors").write_bytes(b"x" * 10)

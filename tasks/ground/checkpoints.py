@@ -59,6 +59,17 @@ def claim(root: str | Path) -> Iterator[Claim]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def trainer_complete(ckpt: Path) -> bool:
+    """A transformers Trainer checkpoint: the Trainer writes trainer_state.json last, so one
+    without a readable one (and its weights) was cut off mid-save."""
+    import json
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(ckpt.glob("adapter_model.safetensors")) or any(ckpt.glob("model*.safetensors"))
+
+
 def _step(path: Path, prefix: str) -> int | None:
     head, _, tail = path.name.rpartition("-")
     return int(tail) if head == prefix and tail.isdigit() and path.is_dir() else None

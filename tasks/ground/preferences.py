@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from shomin.tasks.ground.conversations import MAX_NAMED, ROLES, _from_list
-from shomin.tasks.ground.errors import DataError
+from shomin.tasks.ground.errors import ConfigError, DataError
 
 COLUMNS = ("prompt", "chosen", "rejected")
 ANSWERS = ("chosen", "rejected")
@@ -150,3 +150,11 @@ def read_preferences(df: pd.DataFrame, allow_extra_columns: bool, label: str) ->
         more = len(bad) - MAX_NAMED
         raise DataError(f"{label}: " + "; ".join(bad[:MAX_NAMED]) + (f" (+{more} more)" if more > 0 else ""))
     return found
+
+
+def require_preference_data(pipeline, stage: str) -> None:
+    """Stages that learn from pairs (reward_model, dpo) refuse any other dataset format up front."""
+    fmt = pipeline.dataset.format if pipeline.dataset is not None else None
+    if fmt != "preference":
+        raise ConfigError(f"dataset.format: stage {stage} trains on preference pairs (prompt, chosen, rejected) but "
+                          f"the dataset is {fmt or 'missing'}; set dataset.format: preference")

@@ -19,7 +19,6 @@ reference, from which come the means and their standard errors (tasks/models/sta
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pydantic import Field, model_validator
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError, TrainingDiverged, is_disk_full
-from shomin.tasks.ground.preferences import COLUMNS
+from shomin.tasks.ground.preferences import COLUMNS, require_preference_data
 from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import DataResult, TunedPolicyResult
 from shomin.tasks.ground.rundir import read_jsonl, staged_dir, write_json
@@ -169,15 +168,6 @@ def measure(trainer, suffix: str) -> tuple[dict, list[float]]:
 # ---------------------------------------------------------------- checkpoints and progress
 
 
-def _complete(ckpt: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off mid-save."""
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (ckpt / "adapter_model.safetensors").exists()
-
-
 def progress_callback():
     """Reports each logged step (loss, reward accuracy and margin) and stops on a non-finite loss."""
     from transformers import TrainerCallback
@@ -213,7 +203,7 @@ def run(ctx: StageContext, inputs: Inputs) -> TunedPolicyResult:
     again, then write the adapter, dpo.json and the log into the stage folder in one rename."""
     t0, settings, out = time.time(), ctx.settings, Path(ctx.out_dir)
     ckpt_root = ctx.checkpoints()
-    resume, resumed_step = store.latest(ckpt_root, "checkpoint", _complete)
+    resume, resumed_step = store.latest(ckpt_root, "checkpoint", store.trainer_complete)
     trainer = build_trainer(settings, ctx.model, inputs["merge"].merged_path, inputs["dataset"], ctx.device,
                             ckpt_root, ctx.seed, callbacks=[progress_callback()])
     before, margins_before = measure(trainer, "_before")   # the adapter is fresh here even when resuming
@@ -221,7 +211,7 @@ def run(ctx: StageContext, inputs: Inputs) -> TunedPolicyResult:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
         if is_disk_full(e):   # a checkpoint cut off mid-save must not look like a resume point
-            store.prune_incomplete(ckpt_root, "checkpoint", _complete)
+            store.prune_incomplete(ckpt_root, "checkpoint", store.trainer_complete)
         raise
     if not math.isfinite(output.training_loss):
         raise TrainingDiverged(f"dpo: training loss is {output.training_loss}; lower learning_rate or raise beta")
@@ -247,10 +237,7 @@ def run(ctx: StageContext, inputs: Inputs) -> TunedPolicyResult:
 
 def check(pipeline, settings: DpoSettings, before_run: bool) -> None:
     """DPO learns from pairs; any other dataset format has no `chosen`/`rejected` to compare."""
-    fmt = pipeline.dataset.format if pipeline.dataset is not None else None
-    if fmt != "preference":
-        raise ConfigError(f"dataset.format: stage dpo trains on preference pairs (prompt, chosen, rejected) but the "
-                          f"dataset is {fmt or 'missing'}; set dataset.format: preference")
+    require_preference_data(pipeline, "dpo")
 
 
 STAGE = Stage("dpo", DpoSettings, run, check=check, needs=("dataset", "merge"), checkpoints=True,

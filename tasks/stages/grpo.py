@@ -21,7 +21,6 @@ the policy as it was trained.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -93,15 +92,6 @@ def reward_function(reward_fn, tok, name: str):
 def prompt_rows(queries: list[str], batch_size: int) -> list[dict]:
     """TRL's sampler drops a batch short of `batch_size` prompts (every process's): a smaller set is repeated."""
     return [{"prompt": q} for q in queries * math.ceil(batch_size / len(queries))]
-
-
-def _complete(ckpt: Path) -> bool:
-    """The Trainer writes trainer_state.json last: without a readable one the save was cut off."""
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (ckpt / "adapter_model.safetensors").exists()
 
 
 def trainer_config(settings: GrpoSettings, spec, device: str, output_dir: Path, seed: int):
@@ -181,13 +171,13 @@ def run(ctx: StageContext, inputs: Inputs) -> TunedPolicyResult:
     """Trains into ctx's checkpoint folder (the registry holds its lock), resuming from its newest
     complete checkpoint; the adapter, the log and a summary go to the stage folder at once."""
     t0, ckpt_root = time.time(), ctx.checkpoints()
-    resume, resumed_step = store.latest(ckpt_root, "checkpoint", _complete)
+    resume, resumed_step = store.latest(ckpt_root, "checkpoint", store.trainer_complete)
     trainer = build_trainer(ctx, inputs)
     try:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
         if is_disk_full(e):   # a checkpoint-N cut off mid-save must not look like a resume point
-            store.prune_incomplete(ckpt_root, "checkpoint", _complete)
+            store.prune_incomplete(ckpt_root, "checkpoint", store.trainer_complete)
         raise
     log, steps = trainer.state.log_history, trainer.state.global_step
     policy = PolicyRecord.model_validate(ctx.settings.model_dump(include=set(PolicyRecord.model_fields)))

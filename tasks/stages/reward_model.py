@@ -15,7 +15,6 @@ what the model learnt. Checkpoints and resuming work as in sft.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
+from shomin.tasks.ground.preferences import require_preference_data
 from shomin.tasks.ground.errors import ConfigError, TrainingDiverged, is_disk_full
 from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import RewardModelResult
@@ -118,15 +118,6 @@ def progress_callback():
     return Reporting()
 
 
-def _complete(ckpt: Path) -> bool:
-    """The Trainer writes trainer_state.json last: without a readable one a checkpoint was cut off."""
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (ckpt / "adapter_model.safetensors").exists()
-
-
 def build_trainer(ctx: StageContext, model, tok, train_rows: list[dict]):
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -167,13 +158,13 @@ def run(ctx: StageContext, inputs: Inputs) -> RewardModelResult:
     model = load_classifier(base, ctx.model, s, ctx.device, tok.pad_token_id)
     score = scorer(model, tok, batch_size=2 * s.micro_batch_size)
     before = pair_metrics(*score_pairs(score, held_out), suffix="_before")
-    resume, resumed_step = store.latest(ctx.checkpoints(), "checkpoint", _complete)
+    resume, resumed_step = store.latest(ctx.checkpoints(), "checkpoint", store.trainer_complete)
     trainer = build_trainer(ctx, model, tok, train)
     try:
         output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except Exception as e:
         if is_disk_full(e):   # a checkpoint cut off mid-save must not look like a resume point
-            store.prune_incomplete(ctx.checkpoints(), "checkpoint", _complete)
+            store.prune_incomplete(ctx.checkpoints(), "checkpoint", store.trainer_complete)
         raise
     if not math.isfinite(output.training_loss):
         raise TrainingDiverged(f"reward_model: training loss is {output.training_loss}; lower learning_rate")
@@ -194,10 +185,7 @@ def run(ctx: StageContext, inputs: Inputs) -> RewardModelResult:
 
 def check(pipeline, settings: RewardModelSettings, before_run: bool) -> None:
     """A reward model learns from pairs; any other dataset format has none."""
-    fmt = pipeline.dataset.format if pipeline.dataset is not None else None
-    if fmt != "preference":
-        raise ConfigError(f"dataset.format: stage reward_model trains on preference pairs (prompt, chosen, rejected); "
-                          f"the pipeline's dataset is {fmt or 'missing'}; set dataset.format: preference")
+    require_preference_data(pipeline, "reward_model")
 
 
 STAGE = Stage("reward_model", RewardModelSettings, run, check=check, needs=("dataset", "merge"), checkpoints=True,

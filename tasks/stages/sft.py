@@ -111,19 +111,9 @@ def progress_callback():
     return Reporting()
 
 
-def _complete(ckpt: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off mid-save."""
-    import json
-    try:
-        json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any(ckpt.glob("adapter_model.safetensors")) or any(ckpt.glob("model*.safetensors"))
-
-
 def last_checkpoint(folder: Path) -> tuple[str | None, int | None]:
     """The newest *complete* checkpoint-N under folder (a kill during a save leaves a partial newest one)."""
-    path, step = store.latest(folder, "checkpoint", _complete)
+    path, step = store.latest(folder, "checkpoint", store.trainer_complete)
     return (str(path) if path else None), step
 
 
@@ -200,7 +190,7 @@ def run(ctx: StageContext, inputs: Inputs) -> SftResult:
         output = trainer.train(resume_from_checkpoint=resume)
     except Exception as e:
         if is_disk_full(e):   # the Trainer's checkpoint-N cut off mid-save must not look like a resume point
-            store.prune_incomplete(ckpt_root, "checkpoint", _complete)
+            store.prune_incomplete(ckpt_root, "checkpoint", store.trainer_complete)
         raise
     finally:
         levers.restore()
