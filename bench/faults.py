@@ -54,9 +54,12 @@ MATRIX = {
     "tests/test_resume.py::test_last_checkpoint_skips_one_cut_off_mid_save": "checkpoint cut off mid-save",
     "tests/test_ppo.py::test_outputs_load_and_training_resumes_exactly": "ppo killed, resumes bit-equal",
     "tests/test_faults.py::test_a_full_disk_fails_with_one_line_and_the_same_command_then_finishes": "disk full",
+    "tests/test_resume.py::test_a_full_disk_during_a_checkpoint_save_leaves_no_half_checkpoint":
+        "disk full during a checkpoint save",
     "tests/test_faults.py::test_a_cached_stage_with_a_damaged_folder_is_recomputed": "cached stage damaged",
     "tests/test_faults.py::test_servers_dying_mid_run": "MLflow and Prefect servers die mid-run",
-    "tests/test_faults.py::test_a_half_downloaded_snapshot_is_not_passed_on": "half-downloaded hub snapshot",
+    "tests/test_faults.py::test_a_half_downloaded_snapshot_is_not_passed_on": "half-downloaded hub snapshot, offline",
+    "tests/test_faults.py::test_online_a_half_downloaded_snapshot_is_fetched_again": "half-downloaded snapshot, online",
     "tests/test_embedded.py::test_a_half_converted_model_is_converted_again": "half-converted embedded model",
     "tests/test_bad_input.py::test_bad_input_is_refused_with_one_line": "bad input (every case)",
     "tests/test_ppo.py::test_two_concurrent_ppo_runs_with_the_same_inputs_keep_their_checkpoints": "two ppo runs at once",
@@ -119,24 +122,41 @@ def finished_run(work: Path) -> Path:
     return work / "runs" / PIPELINE / done[-1]["run_id"]
 
 
-def reference(parent: Path) -> tuple[dict, float]:
-    work, env = fresh_workdir(parent, "reference")
-    t0 = time.monotonic()
-    proc = start(work, env, work / "log.txt")
-    if proc.wait() != 0:
-        sys.exit(f"reference run failed; see {work / 'log.txt'}")
-    seconds = time.monotonic() - t0
+def reference(parent: Path) -> tuple[dict, float, dict]:
+    """The uninterrupted run: its fingerprint, its wall seconds and each stage's seconds (an
+    earlier reference in the same folder is reused)."""
+    work = parent / "reference"
+    if not (work / "seconds.json").exists():
+        shutil.rmtree(work, ignore_errors=True)
+        work, env = fresh_workdir(parent, "reference")
+        t0 = time.monotonic()
+        proc = start(work, env, work / "log.txt")
+        if proc.wait() != 0:
+            sys.exit(f"reference run failed; see {work / 'log.txt'}")
+        (work / "seconds.json").write_text(json.dumps(time.monotonic() - t0))
     run = finished_run(work)
     loads(run)
-    return fingerprint(run), seconds
+    stages = {k: v.get("seconds", 0.0) for k, v in json.loads((run / "summary.json").read_text())["stages"].items()}
+    return fingerprint(run), json.loads((work / "seconds.json").read_text()), stages
 
 
-def chain(parent: Path, index: int, rng: random.Random, longest: float, ref: dict) -> dict:
+def remaining_s(work: Path, total_s: float, stage_s: dict) -> float:
+    """How long the next run of the command should take: its start-up and every stage the last
+    run did not finish (finished ones come from the cache). Kills are drawn within it, so
+    they land across every stage rather than mostly in the first ones."""
+    summaries = runs_of(work)
+    done = {k for k, v in (summaries[-1]["stages"] if summaries else {}).items()
+            if v["status"] in ("completed", "cached") and k != "env_check"}
+    startup = max(total_s - sum(stage_s.values()), 5.0)
+    return startup + sum(v for k, v in stage_s.items() if k not in done)
+
+
+def chain(parent: Path, index: int, rng: random.Random, timing: tuple[float, dict], ref: dict) -> dict:
     """Kill the command at random moments until a run of it finishes; check what it left."""
     work, env = fresh_workdir(parent, f"chain-{index:02d}")
     kills, landed, uncut_s = 0, [], None
     while True:
-        delay = rng.uniform(1.0, longest)
+        delay = rng.uniform(1.0, remaining_s(work, *timing))
         t0 = time.monotonic()
         proc = start(work, env, work / "log.txt")
         try:
@@ -190,13 +210,14 @@ def sweep(args) -> int:
     parent = Path(args.workdir or tempfile.mkdtemp(prefix="shomin-faults-"))
     parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    ref, ref_s = reference(parent)
+    ref, ref_s, stage_s = reference(parent)
     print(f"reference: {PIPELINE} (shortened) finished in {ref_s:.0f}s; {len(ref)} files fingerprinted", flush=True)
-    chains, kills, longest = [], 0, ref_s
+    chains, kills, first = [], 0, len(list(parent.glob("chain-*")))
     while kills < args.kills:
-        result = chain(parent, len(chains), rng, longest, ref)
-        if result["uncut_s"]:   # a whole run fits in less time than thought: kill sooner from now on
-            longest = min(longest, result["uncut_s"])
+        result = chain(parent, first + len(chains), rng, (ref_s, stage_s), ref)
+        if result["uncut_s"] and result["uncut_s"] < ref_s:   # a whole run is faster now: kill sooner
+            scale = result["uncut_s"] / ref_s
+            ref_s, stage_s = result["uncut_s"], {k: v * scale for k, v in stage_s.items()}
         chains.append(result)
         kills += result["kills"]
         ok = "survived, nothing lost" if result["finished"] and not result["problems"] else "; ".join(result["problems"])
@@ -233,7 +254,7 @@ def matrix(args) -> int:
         state = outcome.get(test, "not run")
         bad += state != "ok"
         verdict = "injected, survived, nothing lost" if state == "ok" else state
-        print(f"{fault:42} {verdict}")
+        print(f"{fault:44} {verdict}")
     return 1 if bad else 0
 
 
