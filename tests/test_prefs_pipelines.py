@@ -25,24 +25,29 @@ SHORT = {
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    """One conversion of the embedded model for the module."""
-    return os.environ.get("SHOMIN_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+def workdir(tmp_path_factory) -> Path:
+    """One working folder for the module, as a user's project: the embedded model is converted
+    once, and prefs-dpo-local finds the SFT and merge of prefs-rlhf-local (the same data and
+    settings) in the cache."""
+    work = tmp_path_factory.mktemp("prefs")
+    (work / "data").symlink_to(ROOT / "data")
+    return work
 
 
-def run_shipped(pipeline: str, tmp_path: Path, cache: str) -> tuple[Path, dict]:
-    (tmp_path / "data").symlink_to(ROOT / "data")
+def run_shipped(pipeline: str, tmp_path: Path) -> tuple[Path, dict]:
+    cache = os.environ.get("SHOMIN_TEST_CACHE") or str(tmp_path / "cache")
     stages = {"prefs-rlhf-local": ("sft", "reward_model", "ppo", "evaluate"),
               "prefs-dpo-local": ("sft", "dpo", "evaluate"), "imdb-grpo-local": ("sft", "grpo", "evaluate")}[pipeline]
     sets = [a for s in stages for kv in SHORT[s] for a in ("--set", f"stages.{s}.{kv}")]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_HOME")} | {
         "PYTHONPATH": str(ROOT), "SHOMIN_CACHE": cache, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     r = subprocess.run([sys.executable, "-m", "shomin.flows.cli", "run", "-f", str(ROOT / "pipelines.yaml"), pipeline,
                         *sets], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
-    (run,) = [s.parent for s in (tmp_path / "runs" / pipeline).glob("*/summary.json")]
+    (run,) = [s.parent for s in (tmp_path / "runs" / pipeline).glob("*/summary.json")]   # one run per pipeline
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and all(s["status"] == "completed" for s in summary["stages"].values())
+    assert summary["status"] == "completed" and summary["stages"][stages[-2]]["status"] == "completed"
+    assert all(s["status"] in ("completed", "cached") for s in summary["stages"].values())
     return run, summary
 
 
@@ -62,9 +67,9 @@ def policy_loads(run: Path, stage: str) -> None:
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in policy.named_parameters())   # it trained
 
 
-def test_prefs_rlhf_local_trains_a_reward_model_and_ppo_against_it(tmp_path, cache):
-    run, summary = run_shipped("prefs-rlhf-local", tmp_path, cache)
-    assert {"sft", "reward_model", "ppo", "evaluate"} <= stage_runs(tmp_path, summary)
+def test_prefs_rlhf_local_trains_a_reward_model_and_ppo_against_it(workdir):
+    run, summary = run_shipped("prefs-rlhf-local", workdir)
+    assert {"sft", "reward_model", "ppo", "evaluate"} <= stage_runs(workdir, summary)
     rm = summary["stages"]["reward_model"]["metrics"]
     assert 0 <= rm["accuracy"] <= 1 and "margin_se" in rm
     from peft import AutoPeftModelForSequenceClassification
@@ -88,9 +93,9 @@ def test_prefs_rlhf_local_trains_a_reward_model_and_ppo_against_it(tmp_path, cac
     assert "mean judge score" in (run / "evaluate" / "eval.md").read_text()
 
 
-def test_prefs_dpo_local_runs_dpo_and_judges_it(tmp_path, cache):
-    run, summary = run_shipped("prefs-dpo-local", tmp_path, cache)
-    assert {"sft", "dpo", "evaluate"} <= stage_runs(tmp_path, summary)
+def test_prefs_dpo_local_runs_dpo_and_judges_it(workdir):
+    run, summary = run_shipped("prefs-dpo-local", workdir)
+    assert {"sft", "dpo", "evaluate"} <= stage_runs(workdir, summary)
     dpo = summary["stages"]["dpo"]["metrics"]
     assert dpo["accuracy_before"] == 0 and dpo["margin_before"] == 0   # reference = the adapter off
     policy_loads(run, "dpo")
@@ -100,9 +105,9 @@ def test_prefs_dpo_local_runs_dpo_and_judges_it(tmp_path, cache):
         assert isinstance(report[key], float), key
 
 
-def test_imdb_grpo_local_runs_grpo_against_vader(tmp_path, cache):
-    run, summary = run_shipped("imdb-grpo-local", tmp_path, cache)
-    assert {"sft", "grpo", "evaluate"} <= stage_runs(tmp_path, summary)
+def test_imdb_grpo_local_runs_grpo_against_vader(workdir):
+    run, summary = run_shipped("imdb-grpo-local", workdir)
+    assert {"sft", "grpo", "evaluate"} <= stage_runs(workdir, summary)
     policy_loads(run, "grpo")
     report = json.loads((run / "evaluate" / "eval.json").read_text())
     assert report["policy_stage"] == "grpo" and "pref_accuracy" not in report   # text data: no pairs
