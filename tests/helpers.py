@@ -18,3 +18,17 @@ def run_stage(name: str, settings, out_dir, *, inputs: dict | None = None, **kwa
     """The registered stage `name` on these settings and earlier results, as the flow runs it."""
     ctx = stage_context(name, settings, out_dir, **kwargs)
     return registry.execute(registry.get(name), ctx, inputs or {})
+
+
+def sharpened(tiny_model: Path, dest: Path, scale: float = 20.0) -> Path:
+    """The tiny model with lm_head x20. Its random logits span ~0.3 nats and the final RMSNorm bounds the
+    hidden state, so no adapter below lm_head could move its next-token distribution; scaled, it is peaked
+    (entropy ~3 nats) like a real LM's, and PPO has something to steer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
+    return dest

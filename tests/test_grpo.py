@@ -17,7 +17,7 @@ from shomin.tasks.models.loading import load_causal_lm
 from shomin.tasks.stages import grpo
 from shomin.tasks.stages.grpo import GrpoSettings
 
-from tests.helpers import stage_context
+from tests.helpers import sharpened, stage_context
 
 TESTS = Path(__file__).resolve().parent
 QUERIES = ["The movie was", "I watched it", "A quiet film", "The story"]
@@ -78,17 +78,6 @@ def test_reference_is_the_adapter_disabled_model_one_copy(tiny_model, tmp_path):
         plain_logprobs, _, _ = rl.forward(plain, batch)
     assert torch.equal(logprobs, ref_logprobs)  # fresh LoRA (B = 0): before any update, KL(policy || ref) = 0
     torch.testing.assert_close(ref_logprobs, plain_logprobs, rtol=0, atol=1e-6)  # ref == the merged model
-
-
-def sharpened(tiny_model: Path, dest: Path, scale: float = 20.0) -> Path:
-    """The tiny model with lm_head x20 (see tests/test_ppo.py): peaked like a real LM, so a LoRA can steer it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    model.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
-    return dest
 
 
 def test_grpo_raises_an_easy_reward(tiny_model, tmp_path):

@@ -16,7 +16,7 @@ from shomin.tasks.models.loading import load_causal_lm, lora_config
 from shomin.tasks.stages import ppo
 from shomin.tasks.stages.ppo import PpoSettings
 
-from tests.helpers import run_stage, stage_context  # noqa: F401
+from tests.helpers import run_stage, sharpened, stage_context  # noqa: F401
 
 TESTS = Path(__file__).resolve().parent
 QUERIES = ["The movie was", "I watched it", "A quiet film", "The story"]
@@ -69,19 +69,6 @@ def test_reference_is_the_merged_model_and_kl_starts_at_zero(tiny_model):
     assert kl.tolist() == [0.0] * len(QUERIES)  # fresh LoRA (B = 0): policy == reference exactly
     assert torch.equal(batch["logprobs"], ref_logprobs)
     assert math.isfinite(entropy.item())
-
-
-def sharpened(tiny_model: Path, dest: Path, scale: float = 20.0) -> Path:
-    """The tiny model with lm_head x20. Its random logits span ~0.3 nats and the final RMSNorm bounds the
-    hidden state, so no adapter below lm_head could move its next-token distribution; scaled, it is peaked
-    (entropy ~3 nats) like a real LM's, and PPO has something to steer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
-    model.save_pretrained(dest)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
-    return dest
 
 
 def test_ppo_raises_an_easy_reward(tiny_model, tmp_path):
@@ -197,7 +184,6 @@ def test_build_queries_takes_openings_or_prompts(tiny_model, tmp_path):
     assert all("The film was a quiet triumph".startswith(q) for q in queries)
     _, inst = inputs(tmp_path, tiny_model, [{"prompt": "指示: 挨拶\n", "completion": "応答: こんにちは"}])
     assert rl.build_queries(inst.train_path, tok, settings(), seed=0) == ["指示: 挨拶\n"]
-
 
 
 def test_two_concurrent_ppo_runs_with_the_same_inputs_keep_their_checkpoints(tiny_model, tmp_path):
