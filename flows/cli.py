@@ -56,15 +56,9 @@ def prepare_tracking(p, workdir: str = ".") -> None:
 
 def prefect_gone() -> str | None:
     """PREFECT_API_URL when it is set and its server does not answer, else None."""
+    from shomin.tasks.ground.tracking import server_gone
     api = os.environ.get("PREFECT_API_URL")
-    if not api:
-        return None
-    import urllib.request
-    try:
-        urllib.request.urlopen(f"{api.rstrip('/')}/health", timeout=5).close()
-    except Exception:  # noqa: BLE001 - any failure to answer
-        return api
-    return None
+    return api if api and server_gone(api) else None
 
 
 def cmd_validate(args) -> int:
@@ -102,13 +96,13 @@ def cmd_run(args) -> int:
         os.environ.update(QUIET_ENV)
     p = registry.load_pipeline(args.file, args.pipeline, args.set)
     registry.check_pipeline(p, args.file, before_run=True)
+    if api := prefect_gone():
+        raise ConfigError(f"PREFECT_API_URL: the Prefect server at {api} does not answer; start it "
+                          "(`shomin server --detach`), or unset PREFECT_API_URL to run on a throwaway server")
     try:
         prepare_tracking(p)
     except ConfigError as e:
         raise ConfigError(registry.locate(str(e), args.file, p.name)) from None
-    if api := prefect_gone():
-        raise ConfigError(f"PREFECT_API_URL: the Prefect server at {api} does not answer; start it "
-                          "(`shomin server --detach`), or unset PREFECT_API_URL to run on a throwaway server")
     from shomin.flows.pipeline import StageFailed, run_pipeline
     from shomin.tasks.ground.rundir import settle
     started: list[str] = []

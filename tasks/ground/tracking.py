@@ -91,7 +91,8 @@ def git_commit(cwd: str | Path = ".") -> str | None:
 
 
 def server_gone(uri: str) -> bool:
-    """A tracking server that no longer answers (a sqlite store is never 'gone')."""
+    """A server (MLflow, or Prefect's API) that no longer answers at `uri`/health; a sqlite store
+    is never 'gone'."""
     try:
         check_reachable(uri, timeout=3.0)
     except ConfigError:

@@ -23,8 +23,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import Inputs, Stage, StageContext
-from shomin.tasks.ground.preferences import require_preference_data
 from shomin.tasks.ground.errors import ConfigError, TrainingDiverged, is_disk_full
+from shomin.tasks.ground.preferences import require_preference_data
 from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import RewardModelResult
 from shomin.tasks.ground.rundir import read_jsonl, staged_dir, write_json
