@@ -2,8 +2,9 @@
 and seconds per PPO step, split into generation (rollout) and the rest (scoring,
 reference pass, PPO update). Seed 003 claims the 20B chain fits a 24 GB GPU.
 
-Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS
+Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointing]
   ARCH: neox20b | neox7b | llama7b      QUANT: 8bit | 4bit | none
+  checkpointing: stages.ppo.gradient_checkpointing on
 Prints one JSON line. Needs: torch, transformers, peft, accelerate, bitsandbytes (carry wheels).
 """
 import json
@@ -35,6 +36,7 @@ from shomin.tasks.stages.ppo import PpoSettings  # noqa: E402
 
 ARCH, QUANT = sys.argv[1], sys.argv[2]
 QUERIES, NEW_TOKENS, STEPS = map(int, sys.argv[3:6])
+CHECKPOINTING = "checkpointing" in sys.argv[6:]
 SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a dry run of the script on the tiny shape
 
@@ -93,9 +95,9 @@ def main():
     merge = MergeResult(stage="merge", output_dir=str(path), merged_path=str(path))
     spec = ModelSpec(source=str(path), dtype="float16")
     settings = PpoSettings(
-        quantization=QUANT, steps=STEPS, batch_size=QUERIES, mini_batch_size=4,
+        quantization=QUANT, steps=STEPS, gradient_checkpointing=CHECKPOINTING, batch_size=QUERIES, mini_batch_size=4,
         response_min_tokens=NEW_TOKENS, response_max_tokens=NEW_TOKENS, save_steps=10**6,
-        lora=LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=["query_key_value"] if "neox" in ARCH else "all-linear"),
+        lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["query_key_value"] if "neox" in ARCH else "all-linear"),
         reward=RewardSettings(kind="function", function="gpu_ppo:reward"))
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -109,6 +111,9 @@ def main():
         "arch": ARCH, "quant": QUANT, "queries": QUERIES, "new_tokens": NEW_TOKENS, "steps": len(log),
         "s_per_step": round(mean("step_seconds"), 2), "rollout_s": round(mean("rollout_seconds"), 2),
         "update_s": round(mean("update_seconds"), 2),
+        "checkpointing": CHECKPOINTING,
+        "weights_gib": round(result.metrics.get("weights_gpu_gib", 0.0), 2),
+        "overhead_gib": round(torch.cuda.max_memory_allocated() / 2**30 - result.metrics.get("weights_gpu_gib", 0.0), 2) if DEVICE == "cuda" else None,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if DEVICE == "cuda" else None,
         "stage_s": round(time.time() - t0, 1), "reward_first": round(log[0]["reward_mean"], 3),

@@ -23,6 +23,7 @@ from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.rundir import RunDir, intact, new_run_id, settle_all, write_json
 from shomin.tasks.ground.settings import PipelineBase
 from shomin.tasks.ground.tracking import Tracker, git_commit
+from shomin.tasks.models.environment import cap_device_memory
 from shomin.tasks.models.loading import resolve_device
 
 
@@ -135,6 +136,7 @@ def pipeline_flow(pipeline: str, config: str = "pipelines.yaml", overrides: list
     write_json(rundir.path / "pipeline.json", p.model_dump(mode="json", by_alias=True))
     tracker = Tracker(p.tracking, p.tracking.experiment or p.name, workdir)
     runner = StageRunner(p, rundir, tracker, refresh, resolve_device(p.device))
+    cap_device_memory(p.device_memory_gib, runner.device)   # torch held to what the plan checked against
     rundir.summary["mlflow_run_id"] = tracker.start(
         f"{p.name}/{rundir.run_id}", p.model_dump(mode="json", exclude={"stages"}), runner.tags)
     rundir.save()

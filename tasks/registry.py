@@ -166,8 +166,12 @@ def plan_for(p: PipelineBase, headroom: float | None = None) -> dict:
     dev = cpu if device == "cpu" else next((d for d in env["devices"] if d.get("index") == 0), {})
     if headroom is None:
         headroom = next((getattr(p.stages, s.name).headroom for s in present(p) if s.checks_plan), 0.9)
-    plan = plan_memory(p, shape, device, dev.get("free_bytes"), dev.get("total_bytes"),
-                       headroom=headroom, ram_free_bytes=cpu["free_bytes"])
+    free, total = dev.get("free_bytes"), dev.get("total_bytes")
+    if p.device_memory_gib is not None:   # the card the user plans for (or the share of it theirs)
+        cap = int(p.device_memory_gib * 1024 ** 3)
+        free, total = min(free or cap, cap), min(total or cap, cap)
+    plan = plan_memory(p, shape, device, free, total, headroom=headroom, ram_free_bytes=cpu["free_bytes"],
+                       cap_gib=p.device_memory_gib)
     return {"plan": plan, "environment": env, "shape": shape, "quantizations": quantizations(p)}
 
 
@@ -205,12 +209,17 @@ def execute(stage: Stage, ctx: StageContext, inputs: Inputs) -> StageResult:
     checkpoints removed after success), a CUDA out-of-memory turned into one line of advice."""
     import torch
     from shomin.tasks.ground import checkpoints
+    from shomin.tasks.models.environment import PeakMemory
     from shomin.tasks.models.memory import oom_message
     try:
-        if not stage.checkpoints:
-            return stage.run(ctx, inputs)
-        with checkpoints.claim(ctx.checkpoints()) as claim:
-            return stage.run(ctx.model_copy(update={"checkpoint_dir": str(claim.folder)}), inputs)
+        with PeakMemory(ctx.device) as peaks:   # each stage's own peaks, in summary.json and MLflow
+            if not stage.checkpoints:
+                result = stage.run(ctx, inputs)
+            else:
+                with checkpoints.claim(ctx.checkpoints()) as claim:
+                    result = stage.run(ctx.model_copy(update={"checkpoint_dir": str(claim.folder)}), inputs)
+        result.metrics.update(peaks.figures)
+        return result
     except torch.cuda.OutOfMemoryError:
         hint = stage.lower_hint(ctx.settings)
         raise OutOfMemory(oom_message(stage.name, hint, ctx.planned_peak_gib())) from None

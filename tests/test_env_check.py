@@ -215,6 +215,21 @@ def test_plan_for_previews_a_cuda_pipeline_anywhere(tiny_model):
         assert plan.fits is None and "fit unknown" in plan.table()
 
 
+def test_device_memory_cap_decides_the_fit_and_refuses_in_one_line(tiny_model, tmp_path):
+    """A cuda pipeline planned on a laptop for a card of N GiB: the cap makes the fit known, and a
+    cap below the plan is refused before anything loads, naming the cap."""
+    roomy = pipeline(str(tiny_model), device="cuda", quantization="4bit").model_copy(update={"device_memory_gib": 22.4})
+    plan = registry.plan_for(roomy)["plan"]
+    assert plan.device_cap_gib == 22.4 and plan.fits is True and "device_memory_gib 22.4" in plan.table()
+    if not torch.cuda.is_available():
+        assert plan.device_free_bytes == plan.device_total_bytes == int(22.4 * GIB)
+    tight = pipeline(str(tiny_model)).model_copy(update={"device_memory_gib": 0.001})
+    with pytest.raises(MemoryPlanError) as err:
+        run_env_check(tight, tmp_path / "env_check")
+    assert "\n" not in str(err.value) and "device_memory_gib 0.001" in str(err.value)
+    assert not (tmp_path / "env_check").exists()
+
+
 def test_8bit_on_cpu_fails_before_loading(tiny_model, tmp_path):
     p = pipeline(str(tiny_model), quantization="8bit")
     with pytest.raises(ConfigError, match="8bit needs a CUDA GPU"):

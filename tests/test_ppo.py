@@ -13,6 +13,7 @@ from shomin.tasks.ground.records import DataResult, MergeResult
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings
 from shomin.tasks.models import rl
 from shomin.tasks.models.loading import load_causal_lm, lora_config
+from shomin.tasks.models.ppo_math import entropy_from_logits, masked_mean
 from shomin.tasks.stages import ppo
 from shomin.tasks.stages.ppo import PpoSettings
 
@@ -69,6 +70,56 @@ def test_reference_is_the_merged_model_and_kl_starts_at_zero(tiny_model):
     assert kl.tolist() == [0.0] * len(QUERIES)  # fresh LoRA (B = 0): policy == reference exactly
     assert torch.equal(batch["logprobs"], ref_logprobs)
     assert math.isfinite(entropy.item())
+
+
+def trained_policy(tiny_model, s: PpoSettings):
+    """A policy whose LoRA is no longer zero (as after some PPO steps), and a left-padded rollout."""
+    tok = ppo.load_tokenizer(tiny_model)
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    policy = ppo.build_policy(s, ModelSpec(source=str(tiny_model)), str(tiny_model), "cpu")
+    with torch.no_grad():
+        for name, param in policy.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    batch = rl.rollout(policy, tok, QUERIES, s, 6, rl.eos_token_ids(tok, policy.lm, "cpu"))
+    return policy, batch
+
+
+def test_one_pass_gives_the_policy_and_the_adapter_disabled_reference(tiny_model):
+    policy, batch = trained_policy(tiny_model, settings())
+    logprobs, values, entropy, ref_logprobs = rl.with_reference(policy, batch, rows=3)
+    with torch.no_grad():
+        expected, expected_values, logits = rl.forward(policy, batch)
+        with policy.lm.disable_adapter():
+            expected_ref, _, _ = rl.forward(policy, batch)
+    assert (expected - expected_ref).abs().max() > 1e-3   # the adapter really changes the policy
+    torch.testing.assert_close(logprobs, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ref_logprobs, expected_ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=1e-5)
+    mask = batch["response_mask"].float()
+    torch.testing.assert_close(masked_mean(entropy, mask), entropy_from_logits(logits, mask), rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_in_eval_recomputes_and_keeps_the_gradients(tiny_model):
+    """The update under checkpointing keeps less for the backward pass and gets the same gradients;
+    rollouts outside it keep their KV cache (the layers are out of training mode again)."""
+    from shomin.tasks.models.loading import checkpointed_in_eval
+    grads, saved = {}, {}
+    for on in (False, True):
+        policy, batch = trained_policy(tiny_model, settings(gradient_checkpointing=on))
+        stored = []
+        with checkpointed_in_eval(policy.lm, on), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: stored.append(t.numel()) or t, lambda t: t):
+            logprobs, values, _ = rl.forward(policy, batch)
+        (logprobs.sum() + values.sum()).backward()
+        grads[on] = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        saved[on] = sum(stored)
+        assert not any(m.training for m in policy.modules())
+    assert saved[True] < saved[False]
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name in grads[True]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-6)
 
 
 def test_ppo_raises_an_easy_reward(tiny_model, tmp_path):

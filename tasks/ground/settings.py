@@ -211,6 +211,11 @@ class PipelineBase(Strict):
     description: str = ""
     seed: int = Field(42, description="Seeds data split, LoRA init, sampling.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    device_memory_gib: float | None = Field(
+        None, gt=0, description="Hold the run to this much memory of the device it trains on (GiB), as if the "
+                                "card were that size: the memory plan and env_check check against it, and on CUDA "
+                                "torch is capped to it. For a shared GPU, or to plan for a smaller card (a 24 GB "
+                                "card has about 22.4 GiB usable). null = the device's free memory.")
     output_dir: str = Field("runs", description="Run folders go to <output_dir>/<pipeline>/<run_id>/.")
     model: ModelSpec
     dataset: DatasetSpec | None = None

@@ -60,3 +60,61 @@ def environment() -> dict:
     devices.append({"type": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "total_bytes": total, "free_bytes": free})
     return {"versions": versions, "devices": devices, "platform": platform.platform(), "executable": sys.executable}
+
+
+# ---------------------------------------------------------------- peaks and caps
+
+GIB = 1024 ** 3
+
+
+def _host_peak() -> int | None:
+    """The process's resident high-water mark (VmHWM) in bytes; None off Linux."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _reset_host_peak() -> bool:
+    """Linux lets a process reset its own high-water mark ("5" to clear_refs); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of one stage: the GPU's allocated high-water mark (torch's own counter, reset on
+    entry) and the process's peak resident host memory (reset on entry where Linux allows). Stages
+    run one after another in one process, so each gets its own peaks; `figures` is empty until exit."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda") and torch.cuda.is_available()
+        self.figures: dict[str, float] = {}
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.host = _reset_host_peak()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.figures["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GIB
+            self.figures["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        peak = _host_peak() if self.host else None
+        if peak is not None:
+            self.figures["peak_host_gib"] = peak / GIB
+
+
+def cap_device_memory(gib: float | None, device: str) -> None:
+    """Hold this process to `gib` of GPU 0: torch's caching allocator raises out-of-memory past it,
+    exactly as a card of that size would (the plan checks against the same figure)."""
+    if gib is None or not device.startswith("cuda") or not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(gib * GIB / total, 1.0), 0)

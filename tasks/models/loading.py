@@ -5,6 +5,8 @@ guard that keeps bitsandbytes 4-bit gradients right on CPU.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import os
 from pathlib import Path
 
@@ -101,3 +103,21 @@ def free(*models) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextmanager
+def checkpointed_in_eval(lm, enabled: bool = True):
+    """Gradient checkpointing for a model kept in eval mode (RL: the sampling and the trained
+    function must be the same, so dropout stays off), for the `with` block only: generation
+    outside it keeps its KV cache. transformers recomputes a layer only when that layer module
+    says `training`, so the flag is set on the decoder layers alone and every submodule (dropout,
+    attention dropout) stays in eval mode. The model must have had gradient_checkpointing_enable()."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)] if enabled else []
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False

@@ -75,6 +75,7 @@ class MemoryPlan(BaseModel):
     device_free_bytes: int | None
     ram_free_bytes: int | None = None
     headroom: float = 1.0
+    device_cap_gib: float | None = None   # the pipeline's device_memory_gib, when it sets one
     num_parameters: int
     bytes_per_param: float
     weights_bytes: int
@@ -92,6 +93,9 @@ class MemoryPlan(BaseModel):
     memory: dict[str, str] = {}   # stage -> "device" or "host" (where its peak lives)
     hints: dict[str, str] = {}    # stage -> what to lower when it does not fit
 
+    def _capped(self) -> str:
+        return "" if self.device_cap_gib is None else f" (held to device_memory_gib {self.device_cap_gib:g})"
+
     def table(self) -> str:
         """Human-readable, one term per line, in GiB (for `shomin plan` and plan.txt)."""
         def gib(n: int | None) -> str:
@@ -99,8 +103,8 @@ class MemoryPlan(BaseModel):
         ram = "" if self.device == "cpu" else f", CPU RAM free {gib(self.ram_free_bytes).strip()}"
         lines = [f"memory plan on {self.device}: {self.num_parameters / 1e9:.3f} B parameters, "
                  f"{self.bytes_per_param:.4f} B per block Linear weight",
-                 f"  device total {gib(self.device_total_bytes).strip()}, free {gib(self.device_free_bytes).strip()}, "
-                 f"headroom {self.headroom:.0%}{ram}"]
+                 f"  device total {gib(self.device_total_bytes).strip()}, free {gib(self.device_free_bytes).strip()}"
+                 f"{self._capped()}, headroom {self.headroom:.0%}{ram}"]
         for stage, terms in self.stages.items():
             where = "CPU RAM" if self.memory.get(stage) == "host" or self.device == "cpu" else self.device
             lines.append(f"{stage} ({where})")
@@ -281,7 +285,7 @@ class StageTerms:
 
 def plan_memory(stages: dict[str, StageTerms], spec: ModelSpec, shape: dict, device: str,
                 free_bytes: int | None, total_bytes: int | None, *, headroom: float = 1.0,
-                ram_free_bytes: int | None = None) -> MemoryPlan:
+                ram_free_bytes: int | None = None, cap_gib: float | None = None) -> MemoryPlan:
     """Predict each stage's peak on `device` (cpu or cuda). Host-memory stages (merge) are
     checked against `ram_free_bytes`; on cpu RAM is the device. The top-level terms are the
     first training stage's (one with LoRA terms), else the largest stage's."""
@@ -301,7 +305,7 @@ def plan_memory(stages: dict[str, StageTerms], spec: ModelSpec, shape: dict, dev
     main = planned[trains[0]] if trains else (planned[peak_stage] if planned else {"weights": w})
     return MemoryPlan(
         device=device, device_total_bytes=total_bytes, device_free_bytes=free_bytes, ram_free_bytes=ram_free,
-        headroom=headroom, num_parameters=shape["num_parameters"], bytes_per_param=per, weights_bytes=main["weights"],
+        headroom=headroom, device_cap_gib=cap_gib, num_parameters=shape["num_parameters"], bytes_per_param=per, weights_bytes=main["weights"],
         lora_params=main.get("lora", 0) // 8, lora_bytes=main.get("lora", 0), optimizer_bytes=main.get("optimizer", 0),
         activation_bytes=main.get("activations", main.get("forward", 0)), logits_bytes=main.get("logits", 0),
         generation_bytes=max((planned[k].get("generation", 0) for k in trains), default=0),
@@ -316,9 +320,11 @@ def failure(plan: MemoryPlan) -> str:
         return plan.ram_free_bytes if plan.memory.get(stage) == "host" else plan.device_free_bytes
     over = [k for k in plan.stages if budget(k) is not None and plan.stages[k]["total"] > plan.headroom * budget(k)]
     worst = max(over, key=lambda k: plan.stages[k]["total"] / max(budget(k), 1))
-    where = "CPU RAM" if plan.memory.get(worst) == "host" or plan.device == "cpu" else plan.device
+    host = plan.memory.get(worst) == "host" and plan.device != "cpu"
+    where = "CPU RAM" if host or plan.device == "cpu" else plan.device
     return (f"env_check: predicted {worst} peak {plan.stages[worst]['total'] / GIB:.2f} GiB exceeds "
-            f"{plan.headroom:.0%} of {budget(worst) / GIB:.2f} GiB free {where}; {plan.hints.get(worst, '')} "
+            f"{plan.headroom:.0%} of {budget(worst) / GIB:.2f} GiB free {where}{'' if host else plan._capped()}; "
+            f"{plan.hints.get(worst, '')} "
             "(or set stages.env_check.enforce_memory_plan: false)")
 
 

@@ -230,9 +230,13 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
     Uses H = logsumexp(z) - sum(softmax(z) * z), which is stable for large
     logits; logged to watch for policy collapse.
     """
+    return masked_mean(token_entropy(logits), mask)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of each position's distribution, ``(B, T, V)`` -> ``(B, T)``."""
     probs = torch.softmax(logits, dim=-1)
-    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
-    return masked_mean(entropy, mask)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:

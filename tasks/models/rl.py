@@ -19,9 +19,9 @@ from shomin.tasks.ground.records import PolicyRecord
 from shomin.tasks.ground.rundir import read_jsonl
 from shomin.tasks.ground.settings import ModelSpec
 from shomin.tasks.models import chat
-from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, resolve_device
+from shomin.tasks.models.loading import free, load_causal_lm, load_tokenizer, resolve_device
 from shomin.tasks.models import stats
-from shomin.tasks.models.ppo_math import logprobs_from_logits
+from shomin.tasks.models.ppo_math import logprobs_from_logits, token_entropy
 from shomin.tasks.models.reward import build_reward
 from torch import nn
 
@@ -37,12 +37,19 @@ class PolicyWithValue(nn.Module):
             nn.init.zeros_(self.v_head.weight)
             nn.init.zeros_(self.v_head.bias)
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0, adapter_names: list[str] | None = None,
+                scaled: bool = True):
         # Left padding: count positions from the first real token, exactly as generate() does.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
+        # logits_to_keep: the LM head runs on the last N positions only (the response's), so the
+        # full-vocabulary logits of the query are never made.
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=self.v_head is not None, use_cache=False)
+                      output_hidden_states=self.v_head is not None, use_cache=False, logits_to_keep=logits_to_keep,
+                      **extra)
         values = self.v_head(out.hidden_states[-1].float()).squeeze(-1) if self.v_head is not None else None
+        if not scaled:   # the caller takes the float32 log-softmax in pieces
+            return out.logits, values
         # The policy PPO optimises is the one that samples: logits at the sampling temperature.
         # (top_k/top_p truncation is not reflected, as in the classic TRL recipe.)
         return out.logits.float() / self.temperature, values
@@ -98,18 +105,47 @@ def forward(model, batch: dict, idx=slice(None)):
     """Log-probs, values and logits at the response positions (position t predicts response token t)."""
     ids = torch.cat([batch["query"], batch["response"]], 1)[idx]
     attn = torch.cat([batch["query_mask"], batch["response_mask"]], 1)[idx]
-    logits, values = model(ids, attn)
+    n = batch["response"].shape[1]
+    logits, values = model(ids, attn, logits_to_keep=n + 1)   # the last query position predicts response token 0
     start = batch["query"].shape[1] - 1
-    logits = logits[:, start:-1]
     values = values[:, start:-1] if values is not None else None
-    return logprobs_from_logits(logits, batch["response"][idx]), values, logits
+    return logprobs_from_logits(logits[:, :-1], batch["response"][idx]), values, logits[:, :-1]
+
+
+def with_reference(policy: PolicyWithValue, batch: dict, rows: int = 4) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                                torch.Tensor, torch.Tensor]:
+    """`forward` of the policy and of the reference (the same weights, adapter off) in one batched pass:
+    peft runs the base layers once on both copies of the batch and the LoRA only on the first. The
+    float32 log-softmax goes `rows` rows at a time, so the full-vocabulary float32 tensor of the
+    whole rollout is never made. Returns (logprobs, values, per-token entropy of the policy,
+    ref_logprobs); no gradients."""
+    n, length = batch["query"].shape[0], batch["response"].shape[1]
+    ids = torch.cat([batch["query"], batch["response"]], 1).repeat(2, 1)
+    attn = torch.cat([batch["query_mask"], batch["response_mask"]], 1).repeat(2, 1)
+    with torch.no_grad():
+        logits, values = policy(ids, attn, logits_to_keep=length + 1, adapter_names=["default"] * n + ["__base__"] * n,
+                                scaled=False)
+        labels = batch["response"].repeat(2, 1)
+        logp, entropy = [], []
+        for i in range(0, 2 * n, rows):
+            chunk = logits[i:i + rows, :-1].float() / policy.temperature
+            logp.append(logprobs_from_logits(chunk, labels[i:i + rows]))
+            if i < n:
+                entropy.append(token_entropy(chunk[: n - i]))
+    logp = torch.cat(logp)
+    start = batch["query"].shape[1] - 1
+    values = values[:n, start:-1] if values is not None else None
+    return logp[:n], values, torch.cat(entropy), logp[n:]
+
+
+def judged_texts(tok, batch: dict) -> list[str]:
+    """What a reward judges, as a reader sees it: query + response, decoded without special tokens."""
+    return [tok.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
+            for q, qm, r, rm in zip(batch["query"], batch["query_mask"], batch["response"], batch["response_mask"])]
 
 
 def score(reward_fn, tok, batch: dict) -> torch.Tensor:
-    """The reward judges what a reader sees: query + response, decoded without special tokens."""
-    texts = [tok.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
-             for q, qm, r, rm in zip(batch["query"], batch["query_mask"], batch["response"], batch["response_mask"])]
-    return torch.tensor(reward_fn(texts), dtype=torch.float32, device=batch["query"].device)
+    return torch.tensor(reward_fn(judged_texts(tok, batch)), dtype=torch.float32, device=batch["query"].device)
 
 
 @torch.no_grad()
@@ -123,63 +159,83 @@ def evaluate_policy(merged_path: str, adapter_path: str, spec: ModelSpec, settin
     (default response_max_tokens), `samples` times per query; for each sample and batch both sides
     are seeded alike, so they share random numbers and the gain is a paired difference. KL is
     sum(logp_policy - logp_sft) over the policy's own samples: an unbiased estimate of KL(policy || SFT).
-    One model in memory: the SFT side is the same model under disable_adapter(). The caller's random
-    state is left as it was. `scorers` names the reward functions that judge both sides (default:
-    {"reward": the policy's own reward}); each gives `<name>_sft`, `<name>_ppo`, `<name>_gain`.
+    One model in memory at a time: the SFT side is the same model under disable_adapter(), and the
+    scorers judge the texts after it is freed, each built in turn (a trained reward model would
+    otherwise sit beside a 20B policy). The caller's random state is left as it was. `scorers`
+    maps a name to a function that builds a reward (default: {"reward": the policy's own}); each
+    gives `<name>_sft`, `<name>_ppo`, `<name>_gain`.
     """
     device = resolve_device(device)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith("cuda") else []):
-        return _evaluate(merged_path, adapter_path, spec, settings, queries, device, seed, samples, max_new_tokens,
-                         scorers)
+        sampled = _sample_both(merged_path, adapter_path, spec, settings, queries, device, seed, samples,
+                               max_new_tokens)
+    free()   # the policy is gone before any scorer (a reward model is a model too) loads
+    if scorers is None:
+        scorers = {"reward": lambda: build_reward(settings.reward, device)}
+    per_query = {"kl": sampled["kl"]}
+    for name, make in scorers.items():
+        fn = make()
+        for side in ("sft", "ppo"):
+            flat = fn([t for per in sampled[side] for t in per])
+            per_query[f"{name}_{side}"] = _regroup(flat, sampled[side])
+        del fn
+        free()
+    shown = [{"query": q, "sft": sampled["shown"][i]["sft"], "ppo": sampled["shown"][i]["ppo"],
+              **{f"{name}_{side}": per_query[f"{name}_{side}"][i][0] for name in scorers for side in ("sft", "ppo")}}
+             for i, q in enumerate(queries)]
+    return {**paired_report(per_query, list(scorers)), "samples_per_query": samples, "n_queries": len(queries),
+            "samples": shown}
 
 
-def _evaluate(merged_path, adapter_path, spec, settings, queries, device, seed, samples, max_new_tokens,
-              scorers) -> dict:
+def _regroup(flat: list[float], like: list[list]) -> list[list[float]]:
+    """Flat scores back into one list per query, shaped like `like`."""
+    out, i = [], 0
+    for per in like:
+        out.append(list(flat[i:i + len(per)]))
+        i += len(per)
+    return out
+
+
+def _sample_both(merged_path, adapter_path, spec, settings, queries, device, seed, samples, max_new_tokens) -> dict:
+    """Every sample of both sides as the text a reward judges, and the policy's KL per sample;
+    the model is loaded here and dropped on return."""
     from peft import PeftModel
     tok = load_tokenizer(merged_path, spec.trust_remote_code)
     tok.padding_side = "left"
     lm = PeftModel.from_pretrained(load_causal_lm(merged_path, spec, device, quantization=settings.quantization),
                                    adapter_path)
     policy = PolicyWithValue(lm, settings.temperature, value_head=False).eval()
-    if scorers is None:
-        scorers = {"reward": build_reward(settings.reward, device)}
     eos_ids = eos_token_ids(tok, lm, lm.device)
     length = max_new_tokens or settings.response_max_tokens
-    keys = [f"{name}_{side}" for name in scorers for side in ("sft", "ppo")] + ["kl"]
-    per_query = {key: [[] for _ in queries] for key in keys}
-    shown: list[dict] = []
+    out = {key: [[] for _ in queries] for key in ("sft", "ppo", "kl")}
+    out["shown"] = [{} for _ in queries]
     for k in range(samples):
         for i in range(0, len(queries), settings.batch_size):
             chunk = queries[i:i + settings.batch_size]
-            texts, scores = _paired_batch(policy, tok, chunk, settings, length, eos_ids, scorers,
-                                          seed=seed * 1_000_003 + k * 10_007 + i)
-            for key in keys:
-                for j in range(len(chunk)):
-                    per_query[key][i + j].append(scores[key][j])
-            if k == 0:
-                shown += [{"query": q, "sft": texts["sft"][j], "ppo": texts["ppo"][j],
-                           **{key: scores[key][j] for key in keys if key != "kl"}} for j, q in enumerate(chunk)]
-    return {**paired_report(per_query, list(scorers)), "samples_per_query": samples, "n_queries": len(queries),
-            "samples": shown}
+            judged, answers, kl = _paired_batch(policy, tok, chunk, settings, length, eos_ids,
+                                                seed=seed * 1_000_003 + k * 10_007 + i)
+            for j in range(len(chunk)):
+                for side in ("sft", "ppo"):
+                    out[side][i + j].append(judged[side][j])
+                    if k == 0:
+                        out["shown"][i + j][side] = answers[side][j]
+                out["kl"][i + j].append(kl[j])
+    return out
 
 
-def _paired_batch(policy, tok, chunk, settings, length, eos_ids, scorers: dict, seed: int):
-    """One batch sampled by both sides with the same random numbers, judged by every scorer; KL on
-    the policy's own samples."""
-    lm, texts, scores = policy.lm, {}, {}
+def _paired_batch(policy, tok, chunk, settings, length, eos_ids, seed: int):
+    """One batch sampled by both sides with the same random numbers: the texts a reward judges
+    (query + response), the responses alone, and the KL on the policy's own samples."""
+    lm, judged, answers = policy.lm, {}, {}
     for side in ("sft", "ppo"):
         torch.manual_seed(seed)
         with lm.disable_adapter() if side == "sft" else nullcontext():
             batch = rollout(policy, tok, chunk, settings, length, eos_ids)
-        for name, fn in scorers.items():
-            scores[f"{name}_{side}"] = score(fn, tok, batch).tolist()
-        texts[side] = [tok.decode(r[m.bool()], skip_special_tokens=True)
-                       for r, m in zip(batch["response"], batch["response_mask"])]
-    logprobs, _, _ = forward(policy, batch)  # batch = the policy's own samples
-    with lm.disable_adapter():
-        ref_logprobs, _, _ = forward(policy, batch)
-    scores["kl"] = ((logprobs - ref_logprobs) * batch["response_mask"]).sum(1).tolist()
-    return texts, scores
+        judged[side] = judged_texts(tok, batch)
+        answers[side] = [tok.decode(r[m.bool()], skip_special_tokens=True)
+                         for r, m in zip(batch["response"], batch["response_mask"])]
+    logprobs, _, _, ref_logprobs = with_reference(policy, batch)  # batch = the policy's own samples
+    return judged, answers, ((logprobs - ref_logprobs) * batch["response_mask"]).sum(1).tolist()
 
 
 def paired_report(per_query: dict[str, list[list[float]]], names: list[str]) -> dict:

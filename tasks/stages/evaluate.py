@@ -209,12 +209,12 @@ def _rlhf(ctx: StageContext, tok, eval_path: str, merged, policy, reward_model) 
     from shomin.tasks.models.reward import build_reward
     from shomin.tasks.models.rl import build_queries, evaluate_policy
     record = _record(ctx, policy)
-    scorers = {}
+    scorers = {}   # built only once the policy is freed: one model in memory at a time
     if getattr(policy, "policy", None) is not None:   # trained against a reward: judge by it
-        scorers["reward"] = build_reward(record.reward, ctx.device,
-                                         trained=reward_model.model_path if reward_model else None)
+        trained = reward_model.model_path if reward_model else None
+        scorers["reward"] = lambda: build_reward(record.reward, ctx.device, trained=trained)
     if ctx.settings.judge is not None:
-        scorers["judge"] = build_reward(ctx.settings.judge, ctx.device)
+        scorers["judge"] = lambda: build_reward(ctx.settings.judge, ctx.device)
     queries = build_queries(eval_path, tok, record, ctx.seed)[: ctx.settings.reward_prompts]
     return {**evaluate_policy(merged.merged_path, policy.adapter_path, ctx.model, record, queries, device=ctx.device,
                               seed=ctx.seed, samples=ctx.settings.samples_per_query, scorers=scorers),

@@ -35,18 +35,19 @@ from shomin.tasks.ground.records import PolicyRecord, PpoResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
 from shomin.tasks.models import memory as mem
-from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, lora_config
+from shomin.tasks.models.loading import checkpointed_in_eval, load_causal_lm, load_tokenizer, lora_config
 from shomin.tasks.models.ppo_math import (
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     gae,
     kl_controller,
+    masked_mean,
     shaped_rewards,
     whiten,
 )
 from shomin.tasks.models.reward import build_reward, check_reward, check_trained_reward
-from shomin.tasks.models.rl import PolicyWithValue, build_queries, eos_token_ids, forward, rollout, score
+from shomin.tasks.models.rl import (PolicyWithValue, build_queries, eos_token_ids, forward, rollout, score,
+                                   with_reference)
 
 
 class PpoSettings(Strict):
@@ -76,6 +77,9 @@ class PpoSettings(Strict):
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = Field(False, description="Keep only each layer's input during the update and "
+                                         "recompute the rest in the backward pass: less memory (most of a 20B "
+                                         "model's activations), one more forward per mini-batch.")
     early_stop_kl: float | None = Field(None, gt=0, description="Stop a step's PPO epochs when approx KL exceeds this.")
     whiten_rewards: bool = Field(False)
     save_steps: int = Field(10, gt=0, description="Checkpoint every N PPO steps.")
@@ -96,10 +100,13 @@ class PpoSettings(Strict):
 
 
 def build_policy(settings: PpoSettings, spec: ModelSpec, merged_path: str, device: str) -> PolicyWithValue:
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    """The merged model (quantized as asked) + a fresh LoRA + a value head. The frozen weights keep
+    their 16-bit dtype: PEFT's k-bit preparation would copy embeddings, LM head and norms to float32
+    (+1.2 GiB at 20B) for a base that is never trained."""
+    from peft import get_peft_model
     lm = load_causal_lm(merged_path, spec, device, quantization=settings.quantization)
-    if settings.quantization != "none":
-        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+    if settings.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = get_peft_model(lm, lora_config(settings.lora))  # LoRA B starts at 0: step-0 policy == reference
     # Dropout stays off (eval mode) throughout: PPO's ratio and the KL need rollout and update to be the same function.
     return PolicyWithValue(lm, settings.temperature).eval()
@@ -110,9 +117,8 @@ def advantages(policy: PolicyWithValue, batch: dict, scores: torch.Tensor, setti
                kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Old log-probs and values, reference log-probs, KL-shaped rewards, GAE. Returns (per-sequence KL, entropy)."""
     mask = batch["response_mask"].float()
-    logprobs, values, logits = forward(policy, batch)
-    with policy.lm.disable_adapter():  # the frozen merged model: same weights in memory, LoRA off
-        ref_logprobs, _, _ = forward(policy, batch)
+    # old and reference log-probs in one pass: the frozen merged model is the same weights, LoRA off
+    logprobs, values, entropy, ref_logprobs = with_reference(policy, batch)
     rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
     if settings.whiten_rewards:
         rewards = whiten(rewards, mask, shift_mean=False)
@@ -120,11 +126,16 @@ def advantages(policy: PolicyWithValue, batch: dict, scores: torch.Tensor, setti
     if mask.sum() > 1:  # whitening needs two values; it keeps the step size independent of reward scale
         adv = whiten(adv, mask)
     batch.update(logprobs=logprobs, values=values, advantages=adv, returns=returns)
-    return kl.sum(1), entropy_from_logits(logits, mask)
+    return kl.sum(1), masked_mean(entropy, mask)
 
 
 def update(model, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
     """settings.ppo_epochs passes over shuffled mini-batches of the rollout; clipped policy + value loss."""
+    with checkpointed_in_eval(accelerator.unwrap_model(model).lm, settings.gradient_checkpointing):
+        return _epochs(model, optimizer, accelerator, params, batch, settings, step)
+
+
+def _epochs(model, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
     stats = defaultdict(list)
     n = batch["query"].shape[0]
     for _ in range(settings.ppo_epochs):
@@ -213,6 +224,7 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
     tok = load_tokenizer(merged_path, spec.trust_remote_code)
     tok.padding_side = "left"  # prompts end where generation starts
     policy = build_policy(settings, spec, merged_path, device)
+    loaded_gib = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None   # weights alone
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
     kl_ctl = kl_controller(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
@@ -259,7 +271,10 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
         _write_outputs(ctx, policy, tok, log, merged_path)
         report.done(f"reward {log[-1]['reward_mean']:.3f}, KL {log[-1]['kl']:.3f}" if log else "no steps")
     accelerator.wait_for_everyone()
-    return _result(ctx, log, kl_ctl.value, t0, start if resumed is not None else None)
+    result = _result(ctx, log, kl_ctl.value, t0, start if resumed is not None else None)
+    if loaded_gib is not None:   # what the peak is measured against: the overhead is peak - weights
+        result.metrics["weights_gpu_gib"] = loaded_gib
+    return result
 
 
 def _write_outputs(ctx: StageContext, policy: PolicyWithValue, tok, log: list, merged_path: str) -> None:
