@@ -40,13 +40,13 @@ def sft_pipeline(ckpt: bool, levers: dict) -> Pipeline:
         "dataset": {"source": "x.jsonl"}})
 
 
-def ppo_pipeline(quant: str) -> Pipeline:
+def ppo_pipeline(quant: str, checkpointing: bool) -> Pipeline:
     return Pipeline.model_validate({
         "name": "bench", "device": "cuda", "model": {"source": "x/y", "dtype": "float16"},
         "stages": {"model_init": {}, "dataset": {}, "sft": {}, "merge": {}, "ppo": {
-            "quantization": quant, "batch_size": 16, "mini_batch_size": 4, "query_max_tokens": 12,
+            "quantization": quant, "gradient_checkpointing": checkpointing, "batch_size": 16, "mini_batch_size": 4, "query_max_tokens": 12,
             "response_min_tokens": 16, "response_max_tokens": 16,
-            "lora": {"r": 16, "alpha": 32, "target_modules": ["query_key_value"]}}},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["query_key_value"]}}},
         "dataset": {"source": "x.jsonl"}})
 
 
@@ -63,9 +63,10 @@ def main():
     plan = plan_memory(sft_pipeline(False, STOCK_LEVERS), shape("neox7b"), "cuda", None, None)
     rows.append(("sft neox7b stock, no ckpt", plan.stages["sft"]["total"] / GIB, sft["nockpt_neox7b"]["peak_alloc_gib"]))
     s = shape("neox20b")
-    for run in results["ppo"]["runs"]:
-        plan = plan_memory(ppo_pipeline(run["quant"]), s, "cuda", None, None)
-        rows.append((f"ppo neox20b {run['quant']}", plan.stages["ppo"]["total"] / GIB, run["peak_alloc_gib"]))
+    for run in results["ppo_trl011"]["rows"]:   # bench/gpu_ppo_trl011.sh
+        plan = plan_memory(ppo_pipeline(run["quant"], run["checkpointing"]), s, "cuda", None, None)
+        name = f"ppo neox20b {run['quant']}" + (" ckpt" if run["checkpointing"] else "")
+        rows.append((name, plan.stages["ppo"]["total"] / GIB, run["ppo_peak_gib"]))
     print(f"{'configuration':28} {'plan GiB':>9} {'measured':>9} {'error':>7}")
     out = []
     for name, pred, meas in rows:

@@ -19,22 +19,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pairs(lines: list[dict]) -> dict[str, dict]:
-    """quant -> {"trl011": last TRL run, "shomin": last shomin run}."""
-    out: dict[str, dict] = {}
+def pairs(lines: list[dict]) -> dict[tuple[str, bool], dict]:
+    """(quant, shomin's gradient checkpointing) -> {"trl011": last TRL run, "shomin": last shomin run}."""
+    trl = {row["quant"]: row for row in lines if row.get("impl", "").startswith("trl")}
+    out: dict[tuple[str, bool], dict] = {}
     for row in lines:
-        impl = "trl011" if row.get("impl", "").startswith("trl") else "shomin"
-        out.setdefault(row["quant"], {})[impl] = row
+        if "arch" in row:
+            out[(row["quant"], bool(row.get("checkpointing")))] = {"trl011": trl.get(row["quant"]), "shomin": row}
     return out
 
 
-def entry(quant: str, runs: dict) -> dict | None:
-    trl, ours = runs.get("trl011"), runs.get("shomin")
+def entry(key: tuple[str, bool], runs: dict) -> dict | None:
+    (quant, checkpointing), trl, ours = key, runs.get("trl011"), runs.get("shomin")
     if not (trl and ours):
         return None
     weights = ours["weights_gib"]
     trl_over, our_over = trl["peak_alloc_gib"] - weights, ours["peak_alloc_gib"] - weights
-    return {"quant": quant, "weights_gib": weights,
+    return {"quant": quant, "checkpointing": checkpointing, "weights_gib": weights,
             "trl011_s_per_step": trl["s_per_step"], "ppo_s_per_step": ours["s_per_step"],
             "trl011_rollout_s": trl["rollout_s"], "ppo_rollout_s": ours["rollout_s"],
             "trl011_update_s": round(trl["s_per_step"] - trl["rollout_s"], 2), "ppo_update_s": ours["update_s"],
@@ -49,7 +50,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| base | implementation | s/step | rollout s | update s | weights GiB | peak GiB | overhead GiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        for impl, name in (("trl011", "TRL 0.11.4 + PEFT (seed 003)"), ("ppo", "shomin")):
+        shomin = "shomin, gradient checkpointing" if r["checkpointing"] else "shomin"
+        for impl, name in (("trl011", "TRL 0.11.4 + PEFT (seed 003)"), ("ppo", shomin)):
             lines.append(f"| {r['quant']} | {name} | {r[f'{impl}_s_per_step']:.2f} | {r[f'{impl}_rollout_s']:.2f} | "
                          f"{r[f'{impl}_update_s']:.2f} | {r['weights_gib']:.2f} | {r[f'{impl}_peak_gib']:.2f} | "
                          f"{r[f'{impl}_overhead_gib']:.2f} |")
@@ -64,7 +66,8 @@ def main() -> None:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results.json"))
     args = ap.parse_args()
     lines = [json.loads(x) for x in Path(args.runs).read_text().splitlines() if x.strip()]
-    rows = [e for q, runs in pairs(lines).items() if (e := entry(q, runs))]
+    rows = sorted((e for key, runs in pairs(lines).items() if (e := entry(key, runs))),
+                  key=lambda r: (r["quant"], r["checkpointing"]))
     print(table(rows))
     path = Path(args.results)
     results = json.loads(path.read_text()) if path.exists() else {}

@@ -158,6 +158,13 @@ def test_merge_ppo_evaluate_stages(tiny_shape, tiny_config):
     assert plan.fits is False  # merge in 1 byte of RAM
     with pytest.raises(MemoryPlanError, match="CPU RAM"):
         raise MemoryPlanError(failure(plan))
+    # the LM head runs on the response's positions only (16 + 1), fp32 + 16-bit logits and their gradients
+    assert plan.stages["ppo"]["logits"] == 2 * (16 + 1) * c.vocab_size * (4 + 2) * 2
+    assert plan.stages["ppo"]["dequant"] == 0   # an unquantized base has nothing to dequantize
+    checkpointed = plan_memory(pipeline("x", device="cuda", ppo=PpoSettings(batch_size=8, mini_batch_size=2,
+                                                                            gradient_checkpointing=True)),
+                               tiny_shape, "cuda", 10 * GIB, 10 * GIB)
+    assert checkpointed.stages["ppo"]["activations"] < plan.stages["ppo"]["activations"]
 
 
 @pytest.fixture

@@ -314,22 +314,31 @@ def save_merged(merged_path: str, adapter_dir: Path, spec: ModelSpec, dest: Path
 
 
 def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
-    """Weights at ppo.quantization + LoRA states + value head + the larger of the two phases:
-    rollouts (KV cache) and updates (one mini-batch's activations and logits) alternate, and
-    the reference policy is the same weights with the adapter disabled."""
+    """Weights at ppo.quantization (frozen weights stay 16-bit) + LoRA states + value head + the
+    largest of the three phases, which alternate: rollouts (KV cache), the one no-grad pass of
+    policy and reference (twice the batch; one layer's activations and the 16-bit logits of the
+    response positions) and the update (one mini-batch's activations, all layers' or, under
+    gradient checkpointing, each layer's input + one layer's, and its response logits) + one
+    dequantized layer weight of a quantized base."""
     shape, notes = inputs.shape, inputs.notes
     w, _, pb = mem.weights(shape, ppo.quantization, inputs.spec, inputs.device)
     n_lora, s = mem.lora_params(shape, ppo.lora), ppo.query_max_tokens + ppo.response_max_tokens
+    r = ppo.response_max_tokens + 1   # logits_to_keep: the response's positions only
     gen = mem.kv_cache(ppo.batch_size, s, shape, pb)
-    act = mem.activations(ppo.mini_batch_size, s, shape, pb, False)  # PPO runs in eval mode: no LoRA dropout copies
-    logits = mem.logits(ppo.mini_batch_size, s, shape, dtype_bytes=pb)
+    reference = round(mem.K_ACT * pb / 2 * 2 * ppo.batch_size * s * shape["hidden_size"]) \
+        + 2 * ppo.batch_size * r * shape["vocab_size"] * pb
+    act = mem.activations(ppo.mini_batch_size, s, shape, pb, ppo.gradient_checkpointing)  # eval mode: no dropout copies
+    logits = mem.logits(ppo.mini_batch_size, r, shape, dtype_bytes=pb)
+    largest = max(i * o for i, o, _ in shape["linears"].values())
+    dequant = largest * pb if ppo.quantization != "none" else 0
     head = 16 * (shape["hidden_size"] + 1)
     notes["ppo.weights"] = f"{ppo.quantization}: stages.ppo.quantization"
     notes["ppo.lora"] = f"{n_lora:,} params x (4 B weight + 4 B grad)"
     notes["ppo.generation"] = f"batch={ppo.batch_size} s={s}"
-    notes["ppo.total"] = "weights + lora + optimizer + value_head + max(generation, activations + logits)"
+    notes["ppo.total"] = "weights + lora + optimizer + value_head + dequant + max(generation, reference, activations + logits)"
     return {"weights": w, "lora": 8 * n_lora, "optimizer": 8 * n_lora, "value_head": head, "generation": gen,
-            "activations": act, "logits": logits, "total": w + 16 * n_lora + head + max(gen, act + logits)}
+            "reference": reference, "activations": act, "logits": logits, "dequant": dequant,
+            "total": w + 16 * n_lora + head + dequant + max(gen, reference, act + logits)}
 
 
 def check(pipeline, settings: PpoSettings, before_run: bool) -> None:
