@@ -210,6 +210,7 @@ def execute(stage: Stage, ctx: StageContext, inputs: Inputs) -> StageResult:
     import torch
     from shomin.tasks.ground import checkpoints
     from shomin.tasks.models.environment import PeakMemory
+    from shomin.tasks.models.loading import free
     from shomin.tasks.models.memory import oom_message
     try:
         with PeakMemory(ctx.device) as peaks:   # each stage's own peaks, in summary.json and MLflow
@@ -222,11 +223,16 @@ def execute(stage: Stage, ctx: StageContext, inputs: Inputs) -> StageResult:
         return result
     except torch.cuda.OutOfMemoryError:
         hint = stage.lower_hint(ctx.settings)
-        raise OutOfMemory(oom_message(stage.name, hint, ctx.planned_peak_gib())) from None
+        cap = ((ctx.plan or {}).get("plan") or {}).get("device_cap_gib")
+        raise OutOfMemory(oom_message(stage.name, hint, ctx.planned_peak_gib(), cap)) from None
     except Exception as e:
         if not is_disk_full(e):
             raise
         raise DiskFull(disk_full_message(stage.name, e, ctx.out_dir)) from None
+    finally:
+        # A trainer and its model sit in reference cycles (callbacks, accelerate): without a collection
+        # here the SFT model's 20 GiB stayed on the GPU through merge and into ppo (bench/gpu_rlhf20b.py).
+        free()
 
 
 def disk_full_message(stage: str, error: BaseException, out_dir: str) -> str:

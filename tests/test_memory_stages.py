@@ -81,3 +81,20 @@ def reward_model_data(rm_result) -> dict:
     folder = Path(rm_result.output_dir).parent / "data"
     return dict(output_dir=str(folder), train_path=str(folder / "train.jsonl"), eval_path=str(folder / "eval.jsonl"),
                 format="preference", n_train=32, n_eval=8)
+
+
+def test_a_stage_leaves_no_model_behind(tiny_model, tmp_path, monkeypatch):
+    """What a stage loaded is gone when it returns, before the next stage loads its own (at 20B the
+    SFT model otherwise sat on the GPU through merge and into ppo)."""
+    from shomin.tasks.stages.sft import SftSettings
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join('{"text": "A warm and funny film about a dog."}\n' for _ in range(8)), encoding="utf-8")
+    inputs = {"model_init": ModelResult(stage="model_init", output_dir="-", model_path=str(tiny_model),
+                                        tokenizer_path=str(tiny_model), num_parameters=1, architecture="LlamaForCausalLM"),
+              "dataset": DataResult(stage="dataset", output_dir=str(tmp_path), train_path=str(data),
+                                    eval_path=str(data), format="text", n_train=8, n_eval=8)}
+    watch = LoadWatch(monkeypatch)
+    run_stage("sft", SftSettings(max_steps=1, batch_size=2, micro_batch_size=2, max_seq_length=16, save_steps=100),
+              tmp_path / "sft", inputs=inputs, model=ModelSpec(source=str(tiny_model)))
+    assert watch.alive and all(ref() is None for ref in watch.alive)

@@ -328,7 +328,7 @@ def failure(plan: MemoryPlan) -> str:
             "(or set stages.env_check.enforce_memory_plan: false)")
 
 
-def oom_message(stage: str, hint: str, predicted_gib: float | None = None) -> str:
+def oom_message(stage: str, hint: str, predicted_gib: float | None = None, cap_gib: float | None = None) -> str:
     """One line for a CUDA out-of-memory in `stage`: what the plan predicted, what to lower."""
     total = None
     if torch.cuda.is_available():
@@ -339,4 +339,6 @@ def oom_message(stage: str, hint: str, predicted_gib: float | None = None) -> st
     plan = (f"the memory plan predicted a {stage} peak of {predicted_gib:.2f} GiB" if predicted_gib is not None
             else "no memory plan for this run (add stage env_check, or see `shomin plan`)")
     gpu = f" on a {total:.1f} GiB GPU" if total else ""
+    if cap_gib is not None:
+        gpu += f" held to device_memory_gib {cap_gib:g}"
     return f"{stage}: CUDA out of memory; {plan}{gpu}; {hint}"
