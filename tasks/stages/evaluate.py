@@ -281,7 +281,8 @@ def plan(ev: EvaluateSettings, inputs: mem.PlanInputs) -> dict:
     infer = round(mem.K_ACT * act_b / 2 * ev.batch_size * ev.max_seq_length * shape["hidden_size"]) \
         + mem.logits(ev.batch_size, ev.max_seq_length, shape, with_grad=False)
     gen = mem.kv_cache(max(ev.num_prompts, 1), ev.max_seq_length + ev.max_new_tokens, shape, act_b)
-    inputs.notes["evaluate.weights"] = f"{inputs.spec.quantization}: model.quantization"
+    inputs.notes["evaluate.weights"] = f"{inputs.spec.quantization}: model.quantization; one model at a time " \
+        "(base, merged, policy, then each reward model: each freed before the next loads)"
     inputs.notes["evaluate.forward"] = "one layer's activations + fp32 logits, no grad"
     return {"weights": w, "forward": infer, "generation": gen, "total": w + max(infer, gen)}
 
