@@ -273,3 +273,22 @@ def test_embedded_shape_from_gguf_counts_tied_head_once():
     shape = model_shape(ModelSpec(source="embedded:smollm2-135m-instruct"))
     assert shape["num_parameters"] == 134_515_008  # SmolLM2-135M; the tied lm_head counted once
     assert (shape["hidden_size"], shape["num_hidden_layers"], shape["vocab_size"]) == (576, 30, 49152)
+
+
+def test_preference_stages_have_their_own_terms(tiny_shape, tiny_config):
+    """reward_model, dpo and grpo are planned like the other trainers: weights + LoRA states +
+    activations (+ logits, + the reference's logits for dpo, + the rollouts' KV cache for grpo)."""
+    c = tiny_config
+    p = Pipeline.model_validate({
+        "name": "t", "device": "cuda", "model": {"source": "x/y"}, "dataset": {"source": "x.jsonl", "format": "preference"},
+        "stages": {"model_init": {}, "dataset": {}, "sft": {}, "merge": {},
+                   "reward_model": {"micro_batch_size": 2, "batch_size": 2, "max_length": 64},
+                   "dpo": {"micro_batch_size": 2, "batch_size": 2, "max_length": 64},
+                   "grpo": {"batch_size": 2, "num_generations": 4, "query_max_tokens": 8, "response_max_tokens": 8}}})
+    plan = plan_memory(p, tiny_shape, "cuda", 10 * GIB, 10 * GIB)
+    rm, dpo, grpo = (plan.stages[k] for k in ("reward_model", "dpo", "grpo"))
+    assert rm["logits"] == 0 and rm["total"] > rm["weights"] + rm["lora"]   # a scalar head: no vocabulary logits
+    assert dpo["reference"] == 4 * 64 * c.vocab_size * (4 + 2)              # 2 pairs x (chosen, rejected), no grad
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    assert grpo["generation"] == 2 * c.num_hidden_layers * 8 * 16 * kv * 2
+    assert grpo["total"] == grpo["weights"] + 2 * grpo["lora"] + max(grpo["generation"], grpo["activations"] + grpo["logits"])

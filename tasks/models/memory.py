@@ -246,6 +246,20 @@ def kv_cache(b: int, s: int, shape: dict, dtype_bytes: int) -> int:
     return 2 * shape["num_hidden_layers"] * b * s * shape["kv_dim"] * dtype_bytes
 
 
+def adapter_training(inputs: "PlanInputs", quantization: str, lora: LoraSettings, rows: int, seq: int,
+                     checkpointing: bool, logit_rows: int | None = None) -> dict[str, int]:
+    """The terms every LoRA trainer on the merged model shares (reward_model, dpo, grpo): weights at
+    its quantization, LoRA weight + grad and AdamW's moments, one forward's activations for `rows`
+    sequences of `seq` tokens, and the fp32 logits (+ grad) of `logit_rows` of them (default all;
+    0 for a classifier head)."""
+    shape = inputs.shape
+    w, _, pb = weights(shape, quantization, inputs.spec, inputs.device)
+    n_lora = lora_params(shape, lora)
+    act = activations(rows, seq, shape, pb, checkpointing)
+    head = logits(rows if logit_rows is None else logit_rows, seq, shape, dtype_bytes=pb)
+    return {"weights": w, "lora": 8 * n_lora, "optimizer": 8 * n_lora, "activations": act, "logits": head}
+
+
 def chunked_lm_head() -> bool:
     """TRL >= 1.16 computes the SFT loss from the hidden states in chunks (never all the logits)."""
     try:

@@ -240,7 +240,18 @@ def check(pipeline, settings: DpoSettings, before_run: bool) -> None:
     require_preference_data(pipeline, "dpo")
 
 
-STAGE = Stage("dpo", DpoSettings, run, check=check, needs=("dataset", "merge"), checkpoints=True,
+def plan(s: DpoSettings, inputs) -> dict:
+    """Chosen and rejected per pair through the policy (with grad) and the same weights with the
+    adapter off (no grad: its logits only)."""
+    from shomin.tasks.models import memory as mem
+    rows = 2 * s.micro_batch_size
+    terms = mem.adapter_training(inputs, s.quantization, s.lora, rows, s.max_length, s.gradient_checkpointing)
+    _, _, pb = mem.weights(inputs.shape, s.quantization, inputs.spec, inputs.device)
+    terms["reference"] = mem.logits(rows, s.max_length, inputs.shape, with_grad=False, dtype_bytes=pb)
+    return {**terms, "total": sum(terms.values())}
+
+
+STAGE = Stage("dpo", DpoSettings, run, plan=plan, check=check, needs=("dataset", "merge"), checkpoints=True,
               lower=("micro_batch_size", "max_length"),
               advice="set stages.dpo.quantization: 4bit, or turn on stages.dpo.gradient_checkpointing",
               help="Direct Preference Optimization: a LoRA on the merged SFT model trained on chosen/rejected pairs; "

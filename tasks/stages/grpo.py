@@ -209,7 +209,19 @@ def check(pipeline, settings: GrpoSettings, before_run: bool) -> None:
     check_trained_reward(pipeline, settings.reward, "stages.grpo.reward")
 
 
-STAGE = Stage("grpo", GrpoSettings, run, check=check, needs=("dataset", "merge"), uses=("reward_model",),
+def plan(s: GrpoSettings, inputs) -> dict:
+    """batch_size x num_generations completions: sampled (KV cache), then through the policy with
+    grad; rollouts and updates alternate, so the larger of the two counts."""
+    from shomin.tasks.models import memory as mem
+    rows, seq = s.batch_size * s.num_generations, s.query_max_tokens + s.response_max_tokens
+    terms = mem.adapter_training(inputs, s.quantization, s.lora, rows, seq, s.gradient_checkpointing)
+    _, _, pb = mem.weights(inputs.shape, s.quantization, inputs.spec, inputs.device)
+    terms["generation"] = mem.kv_cache(rows, seq, inputs.shape, pb)
+    fixed = terms["weights"] + terms["lora"] + terms["optimizer"]
+    return {**terms, "total": fixed + max(terms["generation"], terms["activations"] + terms["logits"])}
+
+
+STAGE = Stage("grpo", GrpoSettings, run, plan=plan, check=check, needs=("dataset", "merge"), uses=("reward_model",),
               checkpoints=True, lower=("batch_size", "num_generations", "response_max_tokens"),
               advice="set stages.grpo.quantization: 4bit or stages.grpo.gradient_checkpointing: true",
               help="RLHF without a critic: a second LoRA on the merged model, trained with GRPO (or RLOO) on groups "

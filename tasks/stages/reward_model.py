@@ -188,7 +188,15 @@ def check(pipeline, settings: RewardModelSettings, before_run: bool) -> None:
     require_preference_data(pipeline, "reward_model")
 
 
-STAGE = Stage("reward_model", RewardModelSettings, run, check=check, needs=("dataset", "merge"), checkpoints=True,
+def plan(s: RewardModelSettings, inputs) -> dict:
+    """A chosen and a rejected sequence per pair, one scalar out (no vocabulary logits)."""
+    from shomin.tasks.models import memory as mem
+    terms = mem.adapter_training(inputs, s.quantization, s.lora, 2 * s.micro_batch_size, s.max_length,
+                                 s.gradient_checkpointing, logit_rows=0)
+    return {**terms, "total": sum(terms.values())}
+
+
+STAGE = Stage("reward_model", RewardModelSettings, run, plan=plan, check=check, needs=("dataset", "merge"), checkpoints=True,
               needs_dataset_spec=True, lower=("micro_batch_size", "max_length"),
               advice="set stages.reward_model.quantization: 4bit, or turn on stages.reward_model.gradient_checkpointing",
               help="A LoRA reward model (with a trained score head) on the merged SFT model, trained on "
