@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, create_model
 from shomin.tasks.ground import config as yaml_config
-from shomin.tasks.ground.contract import Inputs, Stage, StageContext
+from shomin.tasks.ground.contract import GIB, Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import ConfigError, DiskFull, OutOfMemory, is_disk_full
 from shomin.tasks.ground.records import StageResult
 from shomin.tasks.ground.settings import PipelineBase, StagesBase, Strict
@@ -168,7 +168,7 @@ def plan_for(p: PipelineBase, headroom: float | None = None) -> dict:
         headroom = next((getattr(p.stages, s.name).headroom for s in present(p) if s.checks_plan), 0.9)
     free, total = dev.get("free_bytes"), dev.get("total_bytes")
     if p.device_memory_gib is not None:   # the card the user plans for (or the share of it theirs)
-        cap = int(p.device_memory_gib * 1024 ** 3)
+        cap = int(p.device_memory_gib * GIB)
         free, total = min(free or cap, cap), min(total or cap, cap)
     plan = plan_memory(p, shape, device, free, total, headroom=headroom, ram_free_bytes=cpu["free_bytes"],
                        cap_gib=p.device_memory_gib)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from shomin.tasks.ground.contract import GIB
 
 
 def version(package: str) -> str:
@@ -63,8 +64,6 @@ def environment() -> dict:
 
 
 # ---------------------------------------------------------------- peaks and caps
-
-GIB = 1024 ** 3
 
 
 def _host_peak() -> int | None:

@@ -101,10 +101,15 @@ def rollout(policy: PolicyWithValue, tok, queries: list[str], settings: PolicyRe
             "response": response, "response_mask": response_mask(response, eos_ids)}
 
 
+def sequences(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query + response token ids and their attention mask, as the policy reads them."""
+    return (torch.cat([batch["query"], batch["response"]], 1),
+            torch.cat([batch["query_mask"], batch["response_mask"]], 1))
+
+
 def forward(model, batch: dict, idx=slice(None)):
     """Log-probs, values and logits at the response positions (position t predicts response token t)."""
-    ids = torch.cat([batch["query"], batch["response"]], 1)[idx]
-    attn = torch.cat([batch["query_mask"], batch["response_mask"]], 1)[idx]
+    ids, attn = (x[idx] for x in sequences(batch))
     n = batch["response"].shape[1]
     logits, values = model(ids, attn, logits_to_keep=n + 1)   # the last query position predicts response token 0
     start = batch["query"].shape[1] - 1
@@ -120,8 +125,7 @@ def with_reference(policy: PolicyWithValue, batch: dict, rows: int = 4) -> tuple
     whole rollout is never made. Returns (logprobs, values, per-token entropy of the policy,
     ref_logprobs); no gradients."""
     n, length = batch["query"].shape[0], batch["response"].shape[1]
-    ids = torch.cat([batch["query"], batch["response"]], 1).repeat(2, 1)
-    attn = torch.cat([batch["query_mask"], batch["response_mask"]], 1).repeat(2, 1)
+    ids, attn = (x.repeat(2, 1) for x in sequences(batch))
     with torch.no_grad():
         logits, values = policy(ids, attn, logits_to_keep=length + 1, adapter_names=["default"] * n + ["__base__"] * n,
                                 scaled=False)

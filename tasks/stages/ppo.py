@@ -28,7 +28,7 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from shomin.tasks.ground import checkpoints as store
-from shomin.tasks.ground.contract import Inputs, Stage, StageContext
+from shomin.tasks.ground.contract import GIB, Inputs, Stage, StageContext
 from shomin.tasks.ground.errors import TrainingDiverged
 from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import PolicyRecord, PpoResult
@@ -224,7 +224,7 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
     tok = load_tokenizer(merged_path, spec.trust_remote_code)
     tok.padding_side = "left"  # prompts end where generation starts
     policy = build_policy(settings, spec, merged_path, device)
-    loaded_gib = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None   # weights alone
+    loaded_gib = torch.cuda.memory_allocated() / GIB if device.startswith("cuda") else None   # weights alone
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
     kl_ctl = kl_controller(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
@@ -325,8 +325,8 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     n_lora, s = mem.lora_params(shape, ppo.lora), ppo.query_max_tokens + ppo.response_max_tokens
     r = ppo.response_max_tokens + 1   # logits_to_keep: the response's positions only
     gen = mem.kv_cache(ppo.batch_size, s, shape, pb)
-    reference = round(mem.K_ACT * pb / 2 * 2 * ppo.batch_size * s * shape["hidden_size"]) \
-        + 2 * ppo.batch_size * r * shape["vocab_size"] * pb
+    reference = mem.activations(2 * ppo.batch_size, s, shape, pb, checkpointing=True, with_inputs=False) \
+        + 2 * ppo.batch_size * r * shape["vocab_size"] * pb   # one layer's activations, 16-bit response logits
     act = mem.activations(ppo.mini_batch_size, s, shape, pb, ppo.gradient_checkpointing)  # eval mode: no dropout copies
     logits = mem.logits(ppo.mini_batch_size, r, shape, dtype_bytes=pb)
     largest = max(i * o for i, o, _ in shape["linears"].values())
