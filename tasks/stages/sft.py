@@ -50,6 +50,7 @@ class SftSettings(Strict):
     fused_lora: bool = Field(True, description="One autograd function per LoRA linear (base GEMM + low-rank GEMM + dropout, hand-written backward) instead of PEFT's chain of separate ops: the same maths with less memory traffic. Layers it does not cover (DoRA, 8-bit bases) keep PEFT's forward.")
     frozen_dtype: Literal["auto", "compute", "float32"] = Field("auto", description="k-bit training: dtype of the frozen weights that are not quantized (norms, embeddings, LM head). float32 is PEFT's prepare_model_for_kbit_training, which also turns the residual stream float32 and so doubles what checkpointing keeps. auto = compute for bfloat16/float32 compute, float32 for float16 (whose range needs it).")
     offload_checkpoints: bool = Field(True, description="With gradient_checkpointing on CUDA: keep each layer's saved input in pinned host memory, copied on a side stream while the next layers compute.")
+    mlp_chunk_tokens: int = Field(8192, ge=0, description="Run each layer's MLP over a micro-batch's tokens in chunks of this many, its backward recomputing one chunk at a time (exact: the MLP is token-wise; dropout masks are replayed), so its intermediate activations never exist for all tokens at once: what long context runs out of first. Micro-batches of up to this many tokens are not touched; 0 = never chunk.")
     offload_outputs: bool = Field(True, description="With offload_checkpoints and fused_lora, on GPT-NeoX: the attention projections' outputs (query_key_value, dense) from the first forward go to host memory too, and the recompute fetches them instead of running those GEMMs again (+6.6% tokens/s on a 7B). Pins layers x batch x seq x 4 x hidden x 2 B more host memory (8 GiB for a 7B at seq 2048, batch 4).")
 
     def upcast_frozen(self, spec: ModelSpec) -> bool:
@@ -175,6 +176,7 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
     train = Dataset.from_list(chat_rows(tok, rows, settings.max_seq_length) if chat else rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                          callbacks=[finite_loss_callback(), progress_callback()])
+    trainer.add_callback(speed.after_trainer(settings, levers))
     return trainer, levers
 
 

@@ -10,6 +10,9 @@
     5. kernels        Liger's Triton kernels (kernels.py): process-wide patches of the
                       architecture's transformers module, so that module is snapshotted
                       first and `Levers.restore()` puts it back when the stage ends
+    6. chunked MLP    each layer's MLP over the tokens in chunks (chunked_mlp.py), from
+                      the callback `after_trainer` returns, when training begins: the
+                      Trainer applies Liger, which replaces the MLP's forward, in train()
 
 Levers 3-5 lean on private hooks of transformers and PEFT; `check_hooks` names the one
 that changed (tests/unit/test_levers.py runs it on every install, `apply` before use).
@@ -20,7 +23,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from shomin.tasks.models.levers import checkpointing, fast_lora, kernels
+from shomin.tasks.models.levers import checkpointing, chunked_mlp, fast_lora, kernels
 
 
 class HookChanged(RuntimeError):
@@ -34,6 +37,7 @@ class Levers:
     own_checkpointing: bool = False
     offload: bool = False
     trainer_liger: bool = False          # the Trainer should apply Liger itself (use_liger_kernel)
+    chunked_mlps: int = 0
     undo: list[Callable[[], None]] = field(default_factory=list)
 
     def restore(self) -> None:
@@ -71,6 +75,17 @@ def apply(model, settings: Any, device: str, *, quantized: bool, upcast: bool,
     levers.undo.append(kernels.snapshot(base))                                         # 5
     levers.trainer_liger = kernels.use_liger(settings.kernels, device, base)
     return model, levers
+
+
+def after_trainer(settings: Any, levers: Levers):
+    """Lever 6 as a Trainer callback: applied when training begins, after Liger's patches."""
+    from transformers import TrainerCallback
+
+    class ChunkMlp(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if settings.mlp_chunk_tokens and model is not None:
+                levers.chunked_mlps += chunked_mlp.enable(model, settings.mlp_chunk_tokens)
+    return ChunkMlp()
 
 
 # ---------------------------------------------------------------- the private hooks

@@ -20,6 +20,7 @@ offloading possible) and restores the RNG state, so dropout masks match.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from dataclasses import dataclass, field
 
@@ -33,6 +34,17 @@ def recomputing() -> bool:
     """True while a checkpointed layer is being recomputed inside the backward."""
     current = _LAYER.get()
     return current is not None and current[2]
+
+
+@contextlib.contextmanager
+def recompute_scope():
+    """Mark what runs inside as a recompute outside any checkpointed layer (levers/chunked_mlp.py's
+    backward): `recomputing()` is True, while `stash` and `fetch` do nothing."""
+    token = _LAYER.set((None, None, True))
+    try:
+        yield
+    finally:
+        _LAYER.reset(token)
 
 
 def stash(t: torch.Tensor) -> bool:
