@@ -16,7 +16,7 @@ Usage: python bench/gpu_sft.py ARCH SEQ BATCH STEPS VARIANT
              paged8    paged 8-bit AdamW
              nooutputs attention outputs recomputed, not fetched from host (e.g. default,nooutputs)
 Prints one JSON line like the stock script, plus the mean loss of each 10-step window.
-BENCH_LAYERS=n runs an n-layer copy of the shape (quick profiling); BENCH_PROFILE=1 prints
+BENCH_CAP_GIB=c caps the process at c GiB of GPU memory (bench/maxctx.py). BENCH_LAYERS=n runs an n-layer copy of the shape (quick profiling); BENCH_PROFILE=1 prints
 torch.profiler's top CUDA kernels over two steps after warm-up (=shapes: also the copy-like
 ops by input shape).
 """
@@ -147,6 +147,9 @@ def main():
 
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        if os.environ.get("BENCH_CAP_GIB"):   # a smaller card: what bench/maxctx.py searches under
+            cap = float(os.environ["BENCH_CAP_GIB"]) * 2**30
+            torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     t0 = time.time()
     trainer, _levers = build_trainer(settings, spec, model_res, data, DEVICE, work / "ckpt", seed=42)
     load_s = time.time() - t0
@@ -158,7 +161,7 @@ def main():
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under `accelerate launch` every process trains BATCH rows
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    warm = 3
+    warm = min(3, STEPS - 1)   # bench/maxctx.py runs 2 steps: the second is timed
     dt = Clock.t[-1] - Clock.t[warm - 1]
     steps = len(Clock.t) - warm
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]

@@ -84,6 +84,14 @@ def cmd_list(args) -> int:
 def cmd_plan(args) -> int:
     from shomin.tasks import registry
     p = registry.load_pipeline(args.file, args.pipeline, args.set)
+    if args.longest_context:
+        from shomin.tasks.models.memory import GIB
+        tokens, terms = registry.longest_context(p)
+        sft = p.stages.sft
+        where = f"{p.device_memory_gib:g} GiB (device_memory_gib)" if p.device_memory_gib else "this GPU"
+        print(f"{args.pipeline}: longest stages.sft.max_seq_length that fits {where} at micro_batch_size "
+              f"{sft.micro_batch_size}: {tokens} tokens" + (f" (planned SFT peak {terms['total'] / GIB:.2f} GiB)" if tokens else ""))
+        return 0
     print(registry.plan_for(p)["plan"].table())
     return 0
 
@@ -272,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = with_file(sub.add_parser("plan", help="print a pipeline's memory plan"))
     pl.add_argument("pipeline")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--longest-context", action="store_true",
+                    help="the longest stages.sft.max_seq_length whose planned peak fits the card (or device_memory_gib)")
     pl.set_defaults(fn=cmd_plan)
 
     sub.add_parser("schema", help="print the JSON Schema of pipelines.yaml").set_defaults(fn=cmd_schema)

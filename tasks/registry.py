@@ -156,6 +156,13 @@ def plan_memory(p: PipelineBase, shape: dict, device: str, free_bytes: int | Non
 def plan_for(p: PipelineBase, headroom: float | None = None) -> dict:
     """The plan on this machine: {"plan": MemoryPlan, "environment", "shape", "quantizations"}. A cuda
     pipeline previewed on a machine without CUDA still gets a plan, with fit unknown."""
+    where = _plan_inputs(p, headroom)
+    plan = plan_memory(p, *where["args"], **where["kwargs"])
+    return {"plan": plan, "environment": where["env"], "shape": where["args"][0], "quantizations": quantizations(p)}
+
+
+def _plan_inputs(p: PipelineBase, headroom: float | None) -> dict:
+    """What plan_memory needs besides the pipeline: the model's shape, the device and its budget."""
     from shomin.tasks.models.environment import environment
     from shomin.tasks.models.memory import model_shape
     env = environment()
@@ -170,9 +177,36 @@ def plan_for(p: PipelineBase, headroom: float | None = None) -> dict:
     if p.device_memory_gib is not None:   # the card the user plans for (or the share of it theirs)
         cap = int(p.device_memory_gib * GIB)
         free, total = min(free or cap, cap), min(total or cap, cap)
-    plan = plan_memory(p, shape, device, free, total, headroom=headroom, ram_free_bytes=cpu["free_bytes"],
-                       cap_gib=p.device_memory_gib)
-    return {"plan": plan, "environment": env, "shape": shape, "quantizations": quantizations(p)}
+    return {"env": env, "args": (shape, device, free, total),
+            "kwargs": dict(headroom=headroom, ram_free_bytes=cpu["free_bytes"], cap_gib=p.device_memory_gib)}
+
+
+def longest_context(p: PipelineBase, resolution: int = 256) -> tuple[int, dict]:
+    """The longest stages.sft.max_seq_length (at its micro_batch_size) whose planned SFT peak
+    fits the budget env_check holds the run to: doubling, then bisection to `resolution`
+    tokens. Returns (tokens, the SFT terms at that length); tokens 0 when not even
+    `resolution` fits. ConfigError when there is no sft stage or no budget to fit."""
+    where = _plan_inputs(p, None)
+    free, headroom = where["args"][2], where["kwargs"]["headroom"]
+    if getattr(p.stages, "sft", None) is None:
+        raise ConfigError("shomin plan --longest-context: this pipeline has no sft stage")
+    if free is None:
+        raise ConfigError("shomin plan --longest-context: no GPU here to measure; "
+                          "say which card with --set device_memory_gib=24")
+
+    def sft_terms(tokens: int) -> dict:
+        stages = p.stages.model_copy(update={"sft": p.stages.sft.model_copy(update={"max_seq_length": tokens})})
+        return plan_memory(p.model_copy(update={"stages": stages}), *where["args"], **where["kwargs"]).stages["sft"]
+
+    def fits(tokens: int) -> bool:
+        return sft_terms(tokens)["total"] <= headroom * free
+    lo, hi = 0, resolution
+    while fits(hi) and hi < 1 << 24:
+        lo, hi = hi, hi * 2
+    while hi - lo > resolution:
+        mid = (lo + hi) // 2 // resolution * resolution
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, (sft_terms(lo) if lo else {})
 
 
 def plan_context(p: PipelineBase) -> dict:

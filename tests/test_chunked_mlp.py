@@ -95,7 +95,9 @@ def test_short_micro_batches_run_the_mlp_unchanged():
 
 def test_the_sft_stage_chunks_the_mlp_when_training_begins(tmp_path, monkeypatch):
     """`stages.sft.mlp_chunk_tokens` reaches the Trainer's model: with 8-token chunks and
-    micro-batches longer than that, every layer's MLP backward runs chunk by chunk."""
+    micro-batches longer than that, every layer's MLP backward runs chunk by chunk. With
+    `padding_free` on, the micro-batches reach the model as one row without padding."""
+    from shomin.tasks.models.levers import padding_free
     from shomin.tasks.ground.records import DataResult, ModelResult
     from shomin.tasks.ground.rundir import write_text
     from shomin.tasks.ground.settings import ModelSpec
@@ -119,8 +121,17 @@ def test_the_sft_stage_chunks_the_mlp_when_training_begins(tmp_path, monkeypatch
     backward, chunks = chunked_mlp.ChunkedMLP.backward, []
     monkeypatch.setattr(chunked_mlp.ChunkedMLP, "backward",
                         staticmethod(lambda ctx, g: chunks.append(ctx.chunk) or backward(ctx, g)))
+    made, batches = padding_free.collator, []
+
+    def collator(tok):
+        inner = made(tok)
+        return lambda rows: batches.append(inner(rows)) or batches[-1]
+    monkeypatch.setattr(padding_free, "collator", collator)
     settings = SftSettings(lora=LoraSettings(r=2, alpha=4, dropout=0.1), max_steps=2, batch_size=2, micro_batch_size=2,
-                           max_seq_length=64, logging_steps=1, mlp_chunk_tokens=8, gradient_checkpointing=True)
+                           max_seq_length=64, logging_steps=1, mlp_chunk_tokens=8, gradient_checkpointing=True,
+                           padding_free=True)
     run_stage("sft", settings, tmp_path / "sft", model=ModelSpec(source=str(folder)),
               inputs={"model_init": model, "dataset": data})
     assert chunks == [8] * 4   # 2 layers x 2 steps
+    assert len(batches) == 2 and all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b for b in batches)
+    assert all((b["position_ids"] == 0).sum() == 2 for b in batches)   # two rows in each, positions restarting

@@ -18,13 +18,35 @@ def _inputs(dtype=torch.float64, bias=True, seed=0):
 @pytest.mark.parametrize("keep", [1.0, 0.7])
 def test_hand_written_backward_matches_numerical_gradients_in_float64(keep):
     base, x, a, b = _inputs()
-    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < keep if keep < 1 else None
 
-    def f(x, a, b):
-        x_drop = x.detach() * mask / keep if mask is not None else x
-        return LoraLinear.apply(x, x_drop, mask, keep, base, a, b, 0.5)
+    def f(x, a, b):   # the same dropout draw on every call gradcheck makes
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return LoraLinear.apply(x, keep, base, a, b, 0.5)
 
     assert torch.autograd.gradcheck(f, (x, a, b), eps=1e-6, atol=1e-8)
+
+
+def test_the_backward_redraws_the_forwards_mask_and_leaves_the_random_state_alone():
+    """Only x and the random state are kept: the backward's mask must be the forward's even when
+    other draws come in between, and drawing it again must not move anyone else's numbers."""
+    base, x, a, b = _inputs()
+    torch.manual_seed(5)
+    y = LoraLinear.apply(x, 0.6, base, a, b, 1.5)
+    torch.rand(1000)   # other work draws between the forward and the backward
+    after_other_draws = torch.get_rng_state()
+    y.square().sum().backward()
+    assert torch.equal(torch.get_rng_state(), after_other_draws)
+    got = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    torch.manual_seed(5)
+    _, mask = torch.native_dropout(x.detach(), 0.4, True)
+    ref = base(x) + 1.5 * ((x * mask / 0.6) @ a.t()) @ b.t()
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    ref.square().sum().backward()
+    for g, t in zip(got, (x, a, b)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_matches_the_unfused_formula_with_its_own_dropout_mask():

@@ -43,7 +43,10 @@ max(generation, activations + logits of one mini batch) — rollouts and updates
 alternate, and the reference policy is the same weights with the adapter disabled;
 evaluate = weights + max(one layer's activations + fp32 logits, generation KV cache).
   lora dropout (sft) (dtype B + 1) x s x b x in_features per adapted layer: the dropped-out
-              input copy and its mask (one layer's worth under checkpointing).
+              input copy and its mask (one layer's worth under checkpointing); none with
+              fused_lora, which keeps the input itself and draws the mask again.
+  mlp chunks  (sft, mlp_chunk_tokens c) the MLP's share of a layer's activations, 19 of the
+              34·s·b·h, counts min(s·b, c) tokens instead of s·b.
 Checked against peaks measured on an H100 by bench/plan_check.py (bench/results.json),
 stock and shomin SFT on llama7b/neox7b and PPO on neox20b (README "Benchmarks").
 """
@@ -65,6 +68,7 @@ from shomin.tasks.ground.settings import EMBEDDED_PREFIX, LoraSettings, ModelSpe
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 K_ACT = 34  # bytes per s·b·h per layer at 16-bit (Korthikanti et al. 2022, no attention scores)
+K_MLP = 19  # of which the MLP's (its input, two 4h-wide tensors and a dropout mask)
 
 
 class MemoryPlan(BaseModel):
@@ -203,13 +207,19 @@ def weights(shape: dict, quantization: str, spec: ModelSpec, device: str) -> tup
     return round(q * per + (shape["num_parameters"] - q) * other), per, other
 
 
-def activations(b: int, s: int, shape: dict, dtype_bytes: int, checkpointing: bool, with_inputs: bool = True) -> int:
+def activations(b: int, s: int, shape: dict, dtype_bytes: int, checkpointing: bool, with_inputs: bool = True,
+                mlp_chunk: int = 0) -> int:
     """All layers' activations, or under checkpointing one layer's (+ every layer's saved input
-    unless `with_inputs` is False: the SFT plan counts those as its own term)."""
+    unless `with_inputs` is False: the SFT plan counts those as its own term). `mlp_chunk`:
+    the MLP runs over at most that many tokens at a time, so its share (K_MLP of K_ACT) is
+    held for one chunk's tokens only."""
     h, layers, k = shape["hidden_size"], shape["num_hidden_layers"], K_ACT * dtype_bytes / 2
+    per_layer = k * s * b * h
+    if mlp_chunk and s * b > mlp_chunk:
+        per_layer -= K_MLP * dtype_bytes / 2 * (s * b - mlp_chunk) * h
     if checkpointing:
-        return round(layers * dtype_bytes * s * b * h * with_inputs + k * s * b * h)
-    return round(layers * k * s * b * h)
+        return round(layers * dtype_bytes * s * b * h * with_inputs + per_layer)
+    return round(layers * per_layer)
 
 
 def lora_dropout(b: int, s: int, shape: dict, lora: LoraSettings, dtype_bytes: int, checkpointing: bool) -> int:

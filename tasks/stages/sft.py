@@ -25,6 +25,7 @@ from shomin.tasks.ground.settings import EMBEDDED_PREFIX, LoraSettings, ModelSpe
 from shomin.tasks.models import levers as speed
 from shomin.tasks.models import memory as mem
 from shomin.tasks.models.chat import encode, require_template
+from shomin.tasks.models.levers import padding_free
 from shomin.tasks.models.loading import guard_bnb_cpu, load_causal_lm, load_tokenizer, lora_config
 from shomin.tasks.models.preference_eval import chosen_row
 
@@ -46,7 +47,7 @@ class SftSettings(Strict):
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (resumable).")
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. paged_adamw_8bit on GPU.")
     kernels: Literal["auto", "liger", "none"] = Field("auto", description="Fused Triton kernels from Liger (RMSNorm, SwiGLU, RoPE; for GPT-NeoX its RoPE). auto = liger on CUDA when installed and the architecture is supported. The loss never materialises the logits either way: TRL computes it in chunks.")
-    padding_free: bool = Field(False, description="Pack a batch into one row without padding (needs flash attention on GPU).")
+    padding_free: bool | Literal["auto"] = Field("auto", description="Lay each micro-batch's rows end to end in one row with no padding, positions restarting per row and attention kept inside each row (exact: the same rows per step, only the pad tokens go). On CUDA attention runs PyTorch's variable-length flash kernel over the row boundaries; elsewhere SDPA with a block-diagonal mask, whose cost grows with the whole micro-batch's length squared. auto = on for CUDA where that kernel exists and the architecture is one the tests check (llama, mistral, qwen2, qwen3, gpt_neox).")
     fused_lora: bool = Field(True, description="One autograd function per LoRA linear (base GEMM + low-rank GEMM + dropout, hand-written backward) instead of PEFT's chain of separate ops: the same maths with less memory traffic. Layers it does not cover (DoRA, 8-bit bases) keep PEFT's forward.")
     frozen_dtype: Literal["auto", "compute", "float32"] = Field("auto", description="k-bit training: dtype of the frozen weights that are not quantized (norms, embeddings, LM head). float32 is PEFT's prepare_model_for_kbit_training, which also turns the residual stream float32 and so doubles what checkpointing keeps. auto = compute for bfloat16/float32 compute, float32 for float16 (whose range needs it).")
     offload_checkpoints: bool = Field(True, description="With gradient_checkpointing on CUDA: keep each layer's saved input in pinned host memory, copied on a side stream while the next layers compute.")
@@ -130,6 +131,17 @@ def chat_rows(tok, rows: list[dict], max_len: int) -> list[dict]:
     return kept
 
 
+def use_padding_free(settings: SftSettings, model, device: str) -> bool:
+    """The `padding_free` setting resolved for this model and device (see its help)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if settings.padding_free is True and not padding_free.exact(base):
+        raise ConfigError(f"stages.sft.padding_free: {base.config.model_type} is not one of "
+                          f"{sorted(padding_free.PACKABLE)}, whose rows are known to stay apart without padding")
+    if settings.padding_free == "auto":
+        return padding_free.exact(base) and device == "cuda" and padding_free.varlen_kernel() is not None
+    return bool(settings.padding_free)
+
+
 def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult, data: DataResult,
                   device: str, checkpoint_dir: Path, seed: int):
     """The TRL SFTTrainer with the speed levers applied; returns (trainer, levers). The caller
@@ -167,7 +179,6 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
         logging_steps=settings.logging_steps, save_steps=settings.save_steps, save_total_limit=2,
         report_to="none", use_cpu=device == "cpu", bf16=bf16, fp16=False,
         dataloader_num_workers=0, disable_tqdm=False, use_liger_kernel=levers.trainer_liger,
-        padding_free=settings.padding_free,
     )
     rows = read_jsonl(data.train_path)
     if data.format == "preference":   # SFT on preference pairs: the chosen answers, the loss on them only
@@ -177,6 +188,10 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                          callbacks=[finite_loss_callback(), progress_callback()])
     trainer.add_callback(speed.after_trainer(settings, levers))
+    if use_padding_free(settings, model, device):   # TRL has truncated the rows; its collator then drops the padding
+        trainer.data_collator = padding_free.collator(tok)
+        levers.varlen_attention = padding_free.prepare(model.get_base_model(), device)
+        levers.padding_free = True
     return trainer, levers
 
 
@@ -237,10 +252,11 @@ def _check_chat_template(spec: ModelSpec, before_run: bool) -> None:
 
 
 def plan(sft: "SftSettings", inputs: mem.PlanInputs) -> dict:
-    """See the module docstring; the SFT levers change three terms. frozen_dtype float32 (PEFT's
+    """See the module docstring; the SFT levers change these terms. frozen_dtype float32 (PEFT's
     k-bit preparation) stores the unquantized weights and the checkpointed residual stream in
     4 B; offload_checkpoints keeps the checkpoints in host memory; fused_lora under the
-    stage's own checkpointing keeps one layer's dequantized weights through its backward."""
+    stage's own checkpointing keeps one layer's dequantized weights through its backward, and
+    no dropped-out input copies; mlp_chunk_tokens holds the MLP's activations to one chunk."""
     spec, shape, device, weights, act_b, notes = (inputs.spec, inputs.shape, inputs.device, inputs.weights,
                                                   inputs.act_bytes, inputs.notes)
     b, s, n_lora, layers = sft.micro_batch_size, sft.max_seq_length, mem.lora_params(shape, sft.lora), shape["num_hidden_layers"]
@@ -255,8 +271,9 @@ def plan(sft: "SftSettings", inputs: mem.PlanInputs) -> dict:
     notes["sft.weights"] = f"{spec.quantization}: model.quantization"
     terms = {"weights": weights, "lora": 8 * n_lora, "optimizer": 8 * n_lora,
              "checkpoints": 0 if offload or not ckpt else layers * resid_b * s * b * shape["hidden_size"],
-             "activations": mem.activations(b, s, shape, act_b, ckpt, with_inputs=False)
-             + mem.lora_dropout(b, s, shape, sft.lora, act_b, ckpt) + layer_weights,
+             "activations": mem.activations(b, s, shape, act_b, ckpt, with_inputs=False, mlp_chunk=sft.mlp_chunk_tokens)
+             # fused LoRA keeps its input and redraws the dropout mask: no dropped copies
+             + (0 if sft.fused_lora else mem.lora_dropout(b, s, shape, sft.lora, act_b, ckpt)) + layer_weights,
              "logits": mem.logits(b, s, shape, dtype_bytes=act_b, chunked=mem.chunked_lm_head())}
     # under checkpointing the LM head's backward and the layers' recompute come one after the other
     transient = max(terms["activations"], terms["logits"]) if ckpt else terms["activations"] + terms["logits"]

@@ -38,6 +38,8 @@ class Levers:
     offload: bool = False
     trainer_liger: bool = False          # the Trainer should apply Liger itself (use_liger_kernel)
     chunked_mlps: int = 0
+    padding_free: bool = False           # micro-batches without padding (levers/padding_free.py)
+    varlen_attention: bool = False       # ... with PyTorch's varlen flash attention
     undo: list[Callable[[], None]] = field(default_factory=list)
 
     def restore(self) -> None:

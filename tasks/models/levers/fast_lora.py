@@ -12,7 +12,9 @@ epilogue, and the backward is written by hand:
     dA = (s * g B)^T d(x)
     dx = g W + ((s * g B) A) * m / q
 
-Only d(x), the mask and the rank-r product are saved; the frozen 4-bit weight is
+Only x, the random state its dropout mask was drawn from and the rank-r product are saved
+(the backward draws the mask again: q, k and v, which read the same x, then keep one
+tensor between them instead of three dropped copies and three masks); the frozen 4-bit weight is
 dequantized again in the backward instead of being kept (bitsandbytes does the same),
 except in a recompute, whose backward follows at once.
 Under levers/checkpointing.py, the last projection of a block skips its base GEMM when
@@ -39,24 +41,54 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
+def _rng_state(device: torch.device):
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _dropped(x: torch.Tensor, keep: float, rng=None):
+    """x with LoRA's dropout applied, and its mask (None without dropout). With `rng`, the
+    draw replays the random state it was first made from, and the current state is left as
+    it was: the backward rebuilds the forward's mask instead of keeping it."""
+    if keep >= 1:
+        return x, None
+    with torch.no_grad():   # the Function owns the gradient
+        if rng is None:
+            return torch.native_dropout(x, 1.0 - keep, True)
+        now = _rng_state(x.device)
+        _set_rng_state(x.device, rng)
+        try:
+            return torch.native_dropout(x, 1.0 - keep, True)
+        finally:
+            _set_rng_state(x.device, now)
+
+
 class LoraLinear(torch.autograd.Function):
     """y = base(x) + s * B(A(dropped x)); see the module docstring for the backward."""
 
     @staticmethod
-    def forward(ctx, x, x_drop, mask, keep, base, lora_a, lora_b, scale, skip_output=False, cache_output=False):
+    def forward(ctx, x, keep, base, lora_a, lora_b, scale, skip_output=False, cache_output=False):
         dtype = x.dtype
+        ctx.rng = _rng_state(x.device) if keep < 1 else None   # what the backward redraws the mask from
+        x_drop, _ = _dropped(x, keep)
         x2, xd2 = x.reshape(-1, x.shape[-1]), x_drop.reshape(-1, x.shape[-1])
-        mask = None if mask is None else mask.reshape(-1, x.shape[-1])
         low = xd2 @ lora_a.to(dtype).t()                                 # [N, r]
+        del x_drop, xd2   # kept: x (often shared: q, k and v read the same one), not its dropped copy and mask
         ctx.base, ctx.scale, ctx.keep, ctx.in_shape = base, scale, keep, x.shape
         out_features = lora_b.shape[0]
         if skip_output:   # recompute of a layer whose output only feeds a residual add: no value needed
-            ctx.save_for_backward(xd2, mask, low, lora_a, lora_b, None)
+            ctx.save_for_backward(x, low, lora_a, lora_b, None)
             return x.new_zeros(()).expand(*x.shape[:-1], out_features)
         if cache_output and recomputing():
             cached = fetch()   # the first forward's output, back from host memory: no GEMM
             if cached is not None:
-                ctx.save_for_backward(xd2, mask, low, lora_a, lora_b, None)
+                ctx.save_for_backward(x, low, lora_a, lora_b, None)
                 return cached.view(*x.shape[:-1], out_features)
         up = (lora_b.to(dtype) * scale).t()
         bias = base.bias.to(dtype) if getattr(base, "bias", None) is not None else None
@@ -67,29 +99,32 @@ class LoraLinear(torch.autograd.Function):
         y.addmm_(x2, weight.t())
         # in a recompute this layer's backward follows at once: keep the dequantized weight for it
         # (one layer's worth of weights) instead of dequantizing a third time
-        ctx.save_for_backward(xd2, mask, low, lora_a, lora_b, weight if recomputing() else None)
+        ctx.save_for_backward(x, low, lora_a, lora_b, weight if recomputing() else None)
         if cache_output:
             stash(y)   # acts only in the first forward of an offloaded checkpointed layer
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad):
-        xd2, mask, low, lora_a, lora_b, weight = ctx.saved_tensors
-        dtype = xd2.dtype
+        x, low, lora_a, lora_b, weight = ctx.saved_tensors
+        dtype = x.dtype
+        x_drop, mask = _dropped(x, ctx.keep, ctx.rng)   # the forward's mask, drawn again
+        xd2 = x_drop.reshape(-1, x.shape[-1])
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         g_low = (g @ b).mul_(ctx.scale)                         # [N, r]: gradient reaching A's output
         grad_b = (g.t() @ low).mul_(ctx.scale)
         grad_a = g_low.t() @ xd2
+        del x_drop, xd2
         grad_x = None
         if ctx.needs_input_grad[0]:
             if mask is None:
                 grad_x = g_low @ a
             else:  # the dropout backward is mask * 1/keep: one fused kernel
-                grad_x = torch.ops.aten.native_dropout_backward(g_low @ a, mask, 1.0 / ctx.keep)
+                grad_x = torch.ops.aten.native_dropout_backward(g_low @ a, mask.reshape(-1, x.shape[-1]), 1.0 / ctx.keep)
             grad_x.addmm_(g, weight if weight is not None else dense_weight(ctx.base, dtype))
             grad_x = grad_x.view(ctx.in_shape)
-        return (grad_x, None, None, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None)
+        return (grad_x, None, None, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None)
 
 
 def lora_linear(x: torch.Tensor, base: torch.nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -98,14 +133,9 @@ def lora_linear(x: torch.Tensor, base: torch.nn.Module, lora_a: torch.Tensor, lo
     """Compute dtype follows autocast when it is on (bf16 training), else the input's."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
+    keep = 1.0 - dropout if dropout > 0 and training else 1.0
     with torch.autocast(x.device.type, enabled=False):
-        if dropout > 0 and training:
-            with torch.no_grad():  # the mask is the only state dropout needs; the Function owns the gradient
-                x_drop, mask = torch.native_dropout(x, dropout, True)
-        else:
-            x_drop, mask = x, None
-        return LoraLinear.apply(x, x_drop, mask, 1.0 - dropout, base, lora_a, lora_b, scale, skip_output,
-                                cache_output)
+        return LoraLinear.apply(x, keep, base, lora_a, lora_b, scale, skip_output, cache_output)
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
