@@ -102,6 +102,38 @@ def sft_stage_restores_the_rotary() -> dict:
             "own_rotary_after": modeling_gpt_neox.apply_rotary_pos_emb is reference}
 
 
+def varlen_matches_padded() -> dict:
+    """Padding-free rows through PyTorch's varlen flash kernel (levers/padding_free.py) against the
+    padded batch of the same rows through SDPA: a tiny grouped-query Llama in bf16."""
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import checkout  # noqa: F401 - shomin from this checkout
+    from shomin.tasks.models.levers import padding_free
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    if padding_free.varlen_kernel() is None:
+        return {"varlen_kernel": False}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=2)).cuda().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    rows = [{"input_ids": r, "labels": r} for r in (torch.randint(3, 512, (n,), generator=g).tolist() for n in (300, 77, 190))]
+
+    def run(batch):
+        model.zero_grad()
+        loss = model(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}).loss
+        loss.backward()
+        return loss.float(), torch.cat([p.grad.float().flatten() for p in model.parameters()])
+    want_loss, want_grad = run(DataCollatorForLanguageModeling(pad_token_id=0)(rows))
+    used = padding_free.prepare(model, "cuda")
+    got_loss, got_grad = run(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows))
+    return {"varlen_kernel": used, "loss_rel": ((got_loss - want_loss).abs() / want_loss).item(),
+            "grad_rel": ((got_grad - want_grad).norm() / want_grad.norm()).item()}
+
+
+varlen = varlen_matches_padded()
+ok = ok and (not varlen["varlen_kernel"] or (varlen["loss_rel"] < 1e-2 and varlen["grad_rel"] < 3e-2))
+print(json.dumps({"check": "padding-free rows via torch varlen flash attention vs the padded batch (bf16)", **varlen, "ok": ok}))
 stage = sft_stage_restores_the_rotary()
 ok = ok and all(stage.values())
 print(json.dumps({"check": "sft stage with kernels=liger on gpt_neox: patched while it trains, undone after", **stage, "ok": ok}))

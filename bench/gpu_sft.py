@@ -16,6 +16,7 @@ Usage: python bench/gpu_sft.py ARCH SEQ BATCH STEPS VARIANT
              paged8    paged 8-bit AdamW
              nooutputs attention outputs recomputed, not fetched from host (e.g. default,nooutputs)
 Prints one JSON line like the stock script, plus the mean loss of each 10-step window.
+BENCH_LENGTHS=file trains rows of the real lengths bench/gpu_reallen.py draws (SEQ is then the cut-off).
 BENCH_CAP_GIB=c caps the process at c GiB of GPU memory (bench/maxctx.py). BENCH_LAYERS=n runs an n-layer copy of the shape (quick profiling); BENCH_PROFILE=1 prints
 torch.profiler's top CUDA kernels over two steps after warm-up (=shapes: also the copy-like
 ops by input shape).
@@ -118,6 +119,9 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="shomin-bench-"))
     g = torch.Generator().manual_seed(0)   # the stock script's data, row for row
     rows = [torch.randint(3, vocab, (SEQ,), generator=g).tolist() for _ in range(BATCH * (STEPS + 2))]
+    if os.environ.get("BENCH_LENGTHS"):   # rows of real lengths (bench/gpu_reallen.py), the same ones stock trains
+        from gpu_reallen import rows_of_real_length
+        rows = rows_of_real_length(BATCH * (STEPS + 2), vocab)
     with open(work / "train.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps({"input_ids": r}) + "\n")
@@ -165,6 +169,10 @@ def main():
     dt = Clock.t[-1] - Clock.t[warm - 1]
     steps = len(Clock.t) - warm
     losses = [round(e["loss"], 4) for e in trainer.state.log_history if "loss" in e]
+    if os.environ.get("BENCH_LENGTHS"):
+        from gpu_reallen import result
+        print(json.dumps(result("shomin", ARCH, BATCH, Clock.t, rows, torch.cuda.max_memory_allocated())), flush=True)
+        return
     print(json.dumps({
         "arch": ARCH, "variant": VARIANT, "seq": SEQ, "batch": BATCH, "steps_timed": steps,
         "gpus": world, "tokens_per_s": round(world * steps * BATCH * SEQ / dt), "s_per_step": round(dt / steps, 3),

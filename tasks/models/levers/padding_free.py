@@ -47,9 +47,13 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         extra["is_causal"] = True
     else:                           # later: causal is a window open to the left
         extra["window_size"] = (-1, 0)
+    if "scale" in params:
+        extra["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-6:
+        raise ValueError(f"{VARLEN}: this torch's varlen_attn takes no scale, and this model's is {scaling}")
     cu = cu.to(device=q.device, dtype=torch.int32)
     longest = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
-    out = kernel(q, k, v, cu, cu, longest, longest, scale=scaling, **extra)
+    out = kernel(q, k, v, cu, cu, longest, longest, **extra)
     return out.unsqueeze(0), None
 
 
