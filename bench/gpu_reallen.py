@@ -115,7 +115,7 @@ def main() -> None:
                       {"BENCH_LENGTHS": str(LENGTHS)})):
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-        found = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+        found = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"impl"')]
         if proc.returncode or not found:
             print((proc.stdout + proc.stderr)[-4000:], flush=True)
             raise SystemExit(f"failed: {' '.join(cmd)}")
