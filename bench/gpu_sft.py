@@ -15,6 +15,7 @@ Usage: python bench/gpu_sft.py ARCH SEQ BATCH STEPS VARIANT
              nockpt    no gradient checkpointing
              paged8    paged 8-bit AdamW
              nooutputs attention outputs recomputed, not fetched from host (e.g. default,nooutputs)
+             chunkN    mlp_chunk_tokens N (e.g. default,chunk2048); padded: padding_free off
 Prints one JSON line like the stock script, plus the mean loss of each 10-step window.
 BENCH_LENGTHS=file trains rows of the real lengths bench/gpu_reallen.py draws (SEQ is then the cut-off).
 BENCH_CAP_GIB=c caps the process at c GiB of GPU memory (bench/maxctx.py). BENCH_LAYERS=n runs an n-layer copy of the shape (quick profiling); BENCH_PROFILE=1 prints
@@ -132,9 +133,15 @@ def main():
     spec = ModelSpec(source=str(path), quantization="4bit", dtype="bfloat16", compute_dtype="bfloat16")
     levers_off = {} if "default" in levers else dict(
         kernels="liger" if "liger" in levers else "none", fused_lora="fused" in levers,
-        frozen_dtype="compute" if "keep16" in levers else "float32", offload_checkpoints="offload" in levers)
+        frozen_dtype="compute" if "keep16" in levers else "float32", offload_checkpoints="offload" in levers,
+        padding_free=False, mlp_chunk_tokens=0)
     if "nooutputs" in levers:
         levers_off["offload_outputs"] = False
+    for lever in levers:   # chunkN: mlp_chunk_tokens N on top of the rest (default,chunk2048)
+        if lever.startswith("chunk"):
+            levers_off["mlp_chunk_tokens"] = int(lever.removeprefix("chunk"))
+    if "padded" in levers:
+        levers_off["padding_free"] = False
     settings = SftSettings(
         lora=LoraSettings(r=16, alpha=16, dropout=0.05, target_modules="all-linear"), learning_rate=2e-4,
         max_steps=STEPS, batch_size=BATCH, micro_batch_size=BATCH, max_seq_length=SEQ, logging_steps=10,

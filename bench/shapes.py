@@ -13,4 +13,10 @@ SHAPES = {
     "llama7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                               max_position_embeddings=4096)),
+    "llama3_8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                max_position_embeddings=131072, rope_theta=500000.0)),
+    "qwen2_7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                               num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                               max_position_embeddings=131072, rope_theta=1000000.0, tie_word_embeddings=False)),
 }
