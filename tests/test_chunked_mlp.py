@@ -112,8 +112,8 @@ def test_the_sft_stage_chunks_the_mlp_when_training_begins(tmp_path, monkeypatch
                                      intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
     for f in tok_dir.glob("*tok*"):
         (folder / f.name).write_bytes(f.read_bytes())
-    write_text(tmp_path / "train.jsonl", "".join('{"prompt": "指示: 長い文を書いてください\\n", "completion": "応答: はい"}\n'
-                                                 for _ in range(4)))
+    write_text(tmp_path / "train.jsonl", "".join('{"prompt": "指示: 長い文を書いてください\\n", "completion": "応答: %s"}\n'
+                                                 % ("はい" * (1 + n % 2)) for n in range(4)))   # two lengths: padding
     data = DataResult(stage="dataset", output_dir=str(tmp_path), train_path=str(tmp_path / "train.jsonl"),
                       eval_path=str(tmp_path / "train.jsonl"), format="instruction", n_train=4, n_eval=4)
     model = ModelResult(stage="model_init", output_dir="-", model_path=str(folder), tokenizer_path=str(folder),
@@ -133,5 +133,6 @@ def test_the_sft_stage_chunks_the_mlp_when_training_begins(tmp_path, monkeypatch
     run_stage("sft", settings, tmp_path / "sft", model=ModelSpec(source=str(folder)),
               inputs={"model_init": model, "dataset": data})
     assert chunks == [8] * 4   # 2 layers x 2 steps
-    assert len(batches) == 2 and all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b for b in batches)
-    assert all((b["position_ids"] == 0).sum() == 2 for b in batches)   # two rows in each, positions restarting
+    flat = [b for b in batches if "position_ids" in b]   # micro-batches of two lengths, laid end to end
+    assert flat and all(b["input_ids"].shape[0] == 1 and "attention_mask" not in b for b in flat)
+    assert all((b["position_ids"] == 0).sum() == 2 for b in flat)   # two rows in each, positions restarting

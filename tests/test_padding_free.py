@@ -66,6 +66,22 @@ def test_padding_free_batch_matches_the_padded_one_in_float64(arch, attention, m
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_rows_of_one_length_go_as_a_plain_batch_through_the_varlen_implementation(monkeypatch):
+    """Nothing to remove: the collator sends the plain batch, and the varlen implementation hands
+    it to SDPA (no row boundaries, no mask) with the same result as before."""
+    model = tiny("llama")
+    rows = [{"input_ids": r[:3], "labels": r[:3]} for r in ROWS]
+    collate = padding_free.collator(type("Tok", (), {"pad_token_id": 0})())
+    batch = collate(rows)
+    assert batch["input_ids"].shape == (3, 3) and "position_ids" not in batch
+    ref_loss, ref = loss_and_grads(model, batch)
+    monkeypatch.setattr(padding_free, "varlen_kernel", lambda: varlen_stand_in)
+    padding_free.prepare(model, "cuda")
+    loss, got = loss_and_grads(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert collate([{"input_ids": r, "labels": r} for r in ROWS])["input_ids"].shape[0] == 1
+
+
 def test_rows_would_leak_into_each_other_without_the_restarting_positions():
     """The check above has teeth: the same flat row read as one sequence gives another loss."""
     model = tiny("llama")

