@@ -30,14 +30,33 @@ def shape(arch):
 STOCK_LEVERS = {"kernels": "none", "fused_lora": False, "frozen_dtype": "float32", "offload_checkpoints": False}
 
 
-def sft_pipeline(ckpt: bool, levers: dict) -> Pipeline:
+def sft_pipeline(ckpt: bool, levers: dict, batch: int = 4, seq: int = 2048) -> Pipeline:
     return Pipeline.model_validate({
         "name": "bench", "device": "cuda",
         "model": {"source": "x/y", "quantization": "4bit", "dtype": "bfloat16", "compute_dtype": "bfloat16"},
         "stages": {"model_init": {}, "dataset": {}, "sft": {
-            "lora": {"r": 16, "alpha": 16, "target_modules": "all-linear"}, "micro_batch_size": 4, "batch_size": 4,
-            "max_seq_length": 2048, "gradient_checkpointing": ckpt, **levers}},
+            "lora": {"r": 16, "alpha": 16, "target_modules": "all-linear"}, "micro_batch_size": batch, "batch_size": batch,
+            "max_seq_length": seq, "gradient_checkpointing": ckpt, **levers}},
         "dataset": {"source": "x.jsonl"}})
+
+
+def sft_rows(results: dict) -> list[tuple[str, float, float]]:
+    """The SFT configurations measured on the GPU: the four shapes (stock and shomin's defaults, and
+    mlp_chunk_tokens 2048), the long-context lengths, the stock recipe without checkpointing."""
+    def planned(arch, levers, batch=4, seq=2048, ckpt=True):
+        return plan_memory(sft_pipeline(ckpt, levers, batch, seq), shape(arch), "cuda", None, None).stages["sft"]["total"] / GIB
+    rows = []
+    for r in results["sft_round2"]["table"]:
+        rows.append((f"sft {r['arch']} stock", planned(r["arch"], STOCK_LEVERS), r["stock_peak_gib"]))
+        rows.append((f"sft {r['arch']} shomin", planned(r["arch"], {}), r["shomin_peak_gib"]))
+    for r in results["sft_round2"]["chunk2048"]:
+        rows.append((f"sft {r['arch']} shomin chunk2048", planned(r["arch"], {"mlp_chunk_tokens": 2048}), r["peak_gib"]))
+    long = results["long_context"]
+    for point in long["points"]:
+        rows.append((f"sft {long['arch']} b1 s{point['seq']}", planned(long["arch"], {}, 1, point["seq"]), point["peak_gib"]))
+    rows.append(("sft neox7b stock, no ckpt", planned("neox7b", STOCK_LEVERS, ckpt=False),
+                 results["sft"]["nockpt_neox7b"]["peak_alloc_gib"]))
+    return rows
 
 
 def ppo_pipeline(quant: str, checkpointing: bool) -> Pipeline:
@@ -52,16 +71,7 @@ def ppo_pipeline(quant: str, checkpointing: bool) -> Pipeline:
 
 def main():
     results = json.loads((HERE / "results.json").read_text())
-    rows = []
-    sft = results["sft"]
-    for arch in ("llama7b", "neox7b"):
-        s = shape(arch)
-        # the stock script is shomin's stage with every lever off; shomin[default] is the stage's defaults
-        for name, ckpt, levers in (("stock", True, STOCK_LEVERS), ("shomin[default]", True, {})):
-            plan = plan_memory(sft_pipeline(ckpt, levers), s, "cuda", None, None)
-            rows.append((f"sft {arch} {name}", plan.stages["sft"]["total"] / GIB, sft[arch][name]["peak_alloc_gib"]))
-    plan = plan_memory(sft_pipeline(False, STOCK_LEVERS), shape("neox7b"), "cuda", None, None)
-    rows.append(("sft neox7b stock, no ckpt", plan.stages["sft"]["total"] / GIB, sft["nockpt_neox7b"]["peak_alloc_gib"]))
+    rows = sft_rows(results)
     s = shape("neox20b")
     for run in results["ppo_trl011"]["rows"]:   # bench/gpu_ppo_trl011.sh
         plan = plan_memory(ppo_pipeline(run["quant"], run["checkpointing"]), s, "cuda", None, None)

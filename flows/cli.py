@@ -85,7 +85,7 @@ def cmd_plan(args) -> int:
     from shomin.tasks import registry
     p = registry.load_pipeline(args.file, args.pipeline, args.set)
     if args.longest_context:
-        from shomin.tasks.models.memory import GIB
+        from shomin.tasks.ground.contract import GIB
         tokens, terms = registry.longest_context(p)
         sft = p.stages.sft
         where = f"{p.device_memory_gib:g} GiB (device_memory_gib)" if p.device_memory_gib else "this GPU"

@@ -292,3 +292,43 @@ def test_preference_stages_have_their_own_terms(tiny_shape, tiny_config):
     kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
     assert grpo["generation"] == 2 * c.num_hidden_layers * 8 * 16 * kv * 2
     assert grpo["total"] == grpo["weights"] + 2 * grpo["lora"] + max(grpo["generation"], grpo["activations"] + grpo["logits"])
+
+
+def llama3_8b_shape() -> dict:
+    from transformers import LlamaConfig
+    return shape_from_config(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256))
+
+
+def test_longest_context_is_the_longest_length_the_plan_fits(tiny_model, monkeypatch):
+    """`shomin plan --longest-context` on a Llama-3.1-8B shape for a 22 GiB card, batch 1: the answer
+    fits and 256 tokens more do not; the MLP chunks are what let it go far past 64k tokens."""
+    import shomin.tasks.models.memory as memory
+    monkeypatch.setattr(memory, "model_shape", lambda spec, cache_dir=None: llama3_8b_shape())
+    sft = SftSettings(micro_batch_size=1, batch_size=1, gradient_checkpointing=True,
+                      lora=LoraSettings(r=16, alpha=16, target_modules="all-linear"))
+    p = pipeline(str(tiny_model), device="cuda", quantization="4bit", dtype="bfloat16", compute_dtype="bfloat16",
+                 sft=sft).model_copy(update={"device_memory_gib": 22.0})
+    tokens, terms = registry.longest_context(p)
+    headroom = p.stages.env_check.headroom
+
+    def total(n: int, **change) -> int:
+        stages = p.stages.model_copy(update={"sft": sft.model_copy(update={"max_seq_length": n, **change})})
+        return registry.plan_for(p.model_copy(update={"stages": stages}))["plan"].stages["sft"]["total"]
+    assert tokens % 256 == 0 and terms["total"] == total(tokens) <= headroom * 22.0 * GIB < total(tokens + 256)
+    unchunked, _ = registry.longest_context(p.model_copy(update={"stages": p.stages.model_copy(
+        update={"sft": sft.model_copy(update={"mlp_chunk_tokens": 0})})}))
+    assert 64 * 1024 < tokens and unchunked < 0.8 * tokens
+
+
+def test_longest_context_needs_a_card_to_fit(tiny_model, monkeypatch, capsys):
+    from shomin.flows import cli
+    monkeypatch.setattr(registry, "load_pipeline", lambda *a, **k: pipeline(str(tiny_model), device="cuda"))
+    if not torch.cuda.is_available():
+        assert cli.main(["plan", "t", "--longest-context"]) == 2
+        assert "--set device_memory_gib=24" in capsys.readouterr().err
+    monkeypatch.setattr(registry, "load_pipeline", lambda *a, **k: pipeline(str(tiny_model), device="cuda").model_copy(
+        update={"device_memory_gib": 8.0}))
+    assert cli.main(["plan", "t", "--longest-context"]) == 0
+    out = capsys.readouterr().out
+    assert "fits 8 GiB (device_memory_gib) at micro_batch_size 4:" in out and "planned SFT peak" in out

@@ -47,6 +47,11 @@ evaluate = weights + max(one layer's activations + fp32 logits, generation KV ca
               fused_lora, which keeps the input itself and draws the mask again.
   mlp chunks  (sft, mlp_chunk_tokens c) the MLP's share of a layer's activations, 19 of the
               34·s·b·h, counts min(s·b, c) tokens instead of s·b.
+  backward    (sft under checkpointing) + 17·s·b·h at 16-bit: what a layer's backward holds
+              beside its saved activations (the gradients flowing through it, the next
+              layer's prefetched input, the final norm and the loss's hidden states). Fitted
+              on eleven H100 peaks (bench/plan_check.py): without it the plan was 5-15% low
+              at 8k tokens and 25-36% low at 64k-122k.
 Checked against peaks measured on an H100 by bench/plan_check.py (bench/results.json),
 stock and shomin SFT on llama7b/neox7b and PPO on neox20b (README "Benchmarks").
 """
@@ -69,6 +74,7 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 K_ACT = 34  # bytes per s·b·h per layer at 16-bit (Korthikanti et al. 2022, no attention scores)
 K_MLP = 19  # of which the MLP's (its input, two 4h-wide tensors and a dropout mask)
+K_BWD = 17  # bytes per s·b·h at 16-bit beside those while a checkpointed layer runs its backward (fitted, see sft)
 
 
 class MemoryPlan(BaseModel):

@@ -267,13 +267,15 @@ def plan(sft: "SftSettings", inputs: mem.PlanInputs) -> dict:
     offload = ckpt and sft.offload_checkpoints and device == "cuda"
     resid_b = 4 if upcast else act_b
     own_ckpt = ckpt and (sft.fused_lora or sft.offload_checkpoints)
-    layer_weights = act_b * shape["linear_params"] // layers if own_ckpt and sft.fused_lora else 0
+    fused = sft.fused_lora and spec.quantization != "8bit"   # 8-bit bases keep PEFT's forward (levers/fast_lora.py)
+    layer_weights = act_b * shape["linear_params"] // layers if own_ckpt and fused else 0
     notes["sft.weights"] = f"{spec.quantization}: model.quantization"
     terms = {"weights": weights, "lora": 8 * n_lora, "optimizer": 8 * n_lora,
              "checkpoints": 0 if offload or not ckpt else layers * resid_b * s * b * shape["hidden_size"],
              "activations": mem.activations(b, s, shape, act_b, ckpt, with_inputs=False, mlp_chunk=sft.mlp_chunk_tokens)
              # fused LoRA keeps its input and redraws the dropout mask: no dropped copies
-             + (0 if sft.fused_lora else mem.lora_dropout(b, s, shape, sft.lora, act_b, ckpt)) + layer_weights,
+             + (0 if fused else mem.lora_dropout(b, s, shape, sft.lora, act_b, ckpt)) + layer_weights
+             + (round(mem.K_BWD * act_b / 2 * s * b * shape["hidden_size"]) if ckpt else 0),
              "logits": mem.logits(b, s, shape, dtype_bytes=act_b, chunked=mem.chunked_lm_head())}
     # under checkpointing the LM head's backward and the layers' recompute come one after the other
     transient = max(terms["activations"], terms["logits"]) if ckpt else terms["activations"] + terms["logits"]
