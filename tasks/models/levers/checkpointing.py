@@ -36,6 +36,18 @@ def recomputing() -> bool:
     return current is not None and current[2]
 
 
+def rng_state(device: torch.device):
+    """The random state dropout on `device` draws from (what a recompute replays)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(device: torch.device, state) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 @contextlib.contextmanager
 def recompute_scope():
     """Mark what runs inside as a recompute outside any checkpointed layer (levers/chunked_mlp.py's

@@ -20,18 +20,7 @@ from __future__ import annotations
 import types
 
 import torch
-from shomin.tasks.models.levers.checkpointing import recompute_scope, recomputing
-
-
-def _rng_state(device: torch.device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
+from shomin.tasks.models.levers.checkpointing import recompute_scope, recomputing, rng_state, set_rng_state
 
 
 class ChunkedMLP(torch.autograd.Function):
@@ -39,7 +28,7 @@ class ChunkedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mlp_forward, chunk, skip, *params):
-        ctx.mlp_forward, ctx.chunk, ctx.rng = mlp_forward, chunk, _rng_state(x.device)
+        ctx.mlp_forward, ctx.chunk, ctx.rng = mlp_forward, chunk, rng_state(x.device)
         ctx.save_for_backward(x)
         if skip:   # a recompute whose output only feeds the residual add: no value needed
             return x.new_zeros(()).expand(x.shape)
@@ -52,7 +41,7 @@ class ChunkedMLP(torch.autograd.Function):
         grad_x = torch.empty_like(flat_x) if ctx.needs_input_grad[0] else None
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=x.device.type):
-            _set_rng_state(x.device, ctx.rng)   # the forward's dropout masks, chunk by chunk, in order
+            set_rng_state(x.device, ctx.rng)   # the forward's dropout masks, chunk by chunk, in order
             for start in range(0, flat_x.shape[0], ctx.chunk):
                 part = flat_x[start:start + ctx.chunk].unsqueeze(0).requires_grad_(grad_x is not None)
                 # flagged as a recompute: the last projection skips its GEMM (its value is not needed)

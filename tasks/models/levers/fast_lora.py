@@ -29,7 +29,7 @@ from __future__ import annotations
 import types
 
 import torch
-from shomin.tasks.models.levers.checkpointing import fetch, recomputing, stash
+from shomin.tasks.models.levers.checkpointing import fetch, recomputing, rng_state, set_rng_state, stash
 
 
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -41,17 +41,6 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
-def _rng_state(device: torch.device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(device: torch.device, state) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
 def _dropped(x: torch.Tensor, keep: float, rng=None):
     """x with LoRA's dropout applied, and its mask (None without dropout). With `rng`, the
     draw replays the random state it was first made from, and the current state is left as
@@ -61,12 +50,12 @@ def _dropped(x: torch.Tensor, keep: float, rng=None):
     with torch.no_grad():   # the Function owns the gradient
         if rng is None:
             return torch.native_dropout(x, 1.0 - keep, True)
-        now = _rng_state(x.device)
-        _set_rng_state(x.device, rng)
+        now = rng_state(x.device)
+        set_rng_state(x.device, rng)
         try:
             return torch.native_dropout(x, 1.0 - keep, True)
         finally:
-            _set_rng_state(x.device, now)
+            set_rng_state(x.device, now)
 
 
 class LoraLinear(torch.autograd.Function):
@@ -75,7 +64,7 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, base, lora_a, lora_b, scale, skip_output=False, cache_output=False):
         dtype = x.dtype
-        ctx.rng = _rng_state(x.device) if keep < 1 else None   # what the backward redraws the mask from
+        ctx.rng = rng_state(x.device) if keep < 1 else None   # what the backward redraws the mask from
         x_drop, _ = _dropped(x, keep)
         x2, xd2 = x.reshape(-1, x.shape[-1]), x_drop.reshape(-1, x.shape[-1])
         low = xd2 @ lora_a.to(dtype).t()                                 # [N, r]
