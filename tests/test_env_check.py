@@ -115,29 +115,35 @@ def test_activation_and_logit_terms(tiny_shape, tiny_config):
     small = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128)), tiny_shape, "cpu", None, None)
     big = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=4, max_seq_length=128)), tiny_shape, "cpu", None, None)
     assert big.activation_bytes == 2 * small.activation_bytes
-    # LoRA dropout keeps a float32 copy of each adapted layer's input + a 1-byte mask:
-    # per Llama layer q,k,v,o,gate,up read h features and down reads intermediate_size
+    # PEFT's LoRA dropout keeps a float32 copy of each adapted layer's input + a 1-byte mask (per Llama
+    # layer q,k,v,o,gate,up read h features and down reads intermediate_size); the fused layer keeps
+    # neither (it redraws the mask), so the default plan is 34 B at 16-bit -> 68 in fp32 per s·b·h
     dropout_per_layer = (4 + 1) * 128 * 2 * (6 * c.hidden_size + c.intermediate_size)
-    assert small.activation_bytes == c.num_hidden_layers * (68 * 128 * 2 * c.hidden_size + dropout_per_layer)  # 34 B at 16-bit -> 68 in fp32
+    assert small.activation_bytes == c.num_hidden_layers * 68 * 128 * 2 * c.hidden_size
     assert small.logits_bytes == 2 * 128 * c.vocab_size * 4 * 2
     ckpt = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128, gradient_checkpointing=True)),
                        tiny_shape, "cpu", None, None)
     # checkpointing: every layer's input is its own term; one layer's set is recomputed, and the fused
-    # LoRA layers keep that layer's dequantized weights (4 B each on CPU) through its backward
+    # LoRA layers keep that layer's dequantized weights (4 B each on CPU) through its backward, which
+    # holds 17 B per s·b·h at 16-bit (34 in fp32) beside the saved activations
     layer_weights = 4 * tiny_shape["linear_params"] // c.num_hidden_layers
     assert ckpt.stages["sft"]["checkpoints"] == c.num_hidden_layers * 4 * 128 * 2 * c.hidden_size
-    assert ckpt.activation_bytes == 68 * 128 * 2 * c.hidden_size + dropout_per_layer + layer_weights
+    assert ckpt.activation_bytes == (68 + 34) * 128 * 2 * c.hidden_size + layer_weights
     t = ckpt.stages["sft"]
     assert t["total"] == t["weights"] + t["lora"] + t["optimizer"] + t["checkpoints"] + max(t["activations"], t["logits"])
     unfused = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128, gradient_checkpointing=True,
                                                           fused_lora=False, offload_checkpoints=False)),
                           tiny_shape, "cpu", None, None)
-    assert unfused.activation_bytes == ckpt.activation_bytes - layer_weights
+    assert unfused.activation_bytes == ckpt.activation_bytes - layer_weights + dropout_per_layer
+    chunked = plan_memory(pipeline("x", sft=SftSettings(micro_batch_size=2, max_seq_length=128, gradient_checkpointing=True,
+                                                          mlp_chunk_tokens=64)), tiny_shape, "cpu", None, None)
+    # the MLP's 19 of the 34 B per s·b·h (38 of 68 in fp32) count 64 tokens instead of 256
+    assert chunked.activation_bytes == ckpt.activation_bytes - 38 * (256 - 64) * c.hidden_size
     offloaded = plan_memory(pipeline("x", device="cuda", sft=SftSettings(micro_batch_size=2, max_seq_length=128,
                                                                          gradient_checkpointing=True)),
                             tiny_shape, "cuda", None, None)
     assert offloaded.stages["sft"]["checkpoints"] == 0
-    no_dropout = SftSettings(micro_batch_size=2, max_seq_length=128, lora={"dropout": 0.0})
+    no_dropout = SftSettings(micro_batch_size=2, max_seq_length=128, lora={"dropout": 0.0}, fused_lora=False)
     assert plan_memory(pipeline("x", sft=no_dropout), tiny_shape, "cpu", None, None).activation_bytes \
         == c.num_hidden_layers * 68 * 128 * 2 * c.hidden_size
     s = small.stages["sft"]
