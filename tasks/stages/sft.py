@@ -187,11 +187,10 @@ def build_trainer(settings: SftSettings, spec: ModelSpec, model_res: ModelResult
     train = Dataset.from_list(chat_rows(tok, rows, settings.max_seq_length) if chat else rows)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                          callbacks=[finite_loss_callback(), progress_callback()])
-    trainer.add_callback(speed.after_trainer(settings, levers))
+    trainer.add_callback(speed.after_trainer(settings))
     if use_padding_free(settings, model, device):   # TRL has truncated the rows; its collator then drops the padding
         trainer.data_collator = padding_free.collator(tok)
-        levers.varlen_attention = padding_free.prepare(model.get_base_model(), device)
-        levers.padding_free = True
+        padding_free.prepare(model.get_base_model(), device)
     return trainer, levers
 
 

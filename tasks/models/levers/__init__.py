@@ -37,9 +37,6 @@ class Levers:
     own_checkpointing: bool = False
     offload: bool = False
     trainer_liger: bool = False          # the Trainer should apply Liger itself (use_liger_kernel)
-    chunked_mlps: int = 0
-    padding_free: bool = False           # micro-batches without padding (levers/padding_free.py)
-    varlen_attention: bool = False       # ... with PyTorch's varlen flash attention
     undo: list[Callable[[], None]] = field(default_factory=list)
 
     def restore(self) -> None:
@@ -79,14 +76,14 @@ def apply(model, settings: Any, device: str, *, quantized: bool, upcast: bool,
     return model, levers
 
 
-def after_trainer(settings: Any, levers: Levers):
+def after_trainer(settings: Any):
     """Lever 6 as a Trainer callback: applied when training begins, after Liger's patches."""
     from transformers import TrainerCallback
 
     class ChunkMlp(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if settings.mlp_chunk_tokens and model is not None:
-                levers.chunked_mlps += chunked_mlp.enable(model, settings.mlp_chunk_tokens)
+                chunked_mlp.enable(model, settings.mlp_chunk_tokens)
     return ChunkMlp()
 
 

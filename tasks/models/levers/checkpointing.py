@@ -41,11 +41,18 @@ def rng_state(device: torch.device):
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def set_rng_state(device: torch.device, state) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
+@contextlib.contextmanager
+def replaying_rng(device: torch.device, state):
+    """Draws on `device` inside come from `state` (a `rng_state` taken earlier); the state is put
+    back as it was on leaving, so nobody else's random numbers move."""
+    def put(s):
+        torch.cuda.set_rng_state(s, device) if device.type == "cuda" else torch.set_rng_state(s)
+    now = rng_state(device)
+    put(state)
+    try:
+        yield
+    finally:
+        put(now)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from __future__ import annotations
 import types
 
 import torch
-from shomin.tasks.models.levers.checkpointing import recompute_scope, recomputing, rng_state, set_rng_state
+from shomin.tasks.models.levers.checkpointing import recompute_scope, recomputing, replaying_rng, rng_state
 
 
 class ChunkedMLP(torch.autograd.Function):
@@ -39,9 +39,7 @@ class ChunkedMLP(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         flat_x, flat_grad = x.detach().reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_x = torch.empty_like(flat_x) if ctx.needs_input_grad[0] else None
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=x.device.type):
-            set_rng_state(x.device, ctx.rng)   # the forward's dropout masks, chunk by chunk, in order
+        with replaying_rng(x.device, ctx.rng):   # the forward's dropout masks, chunk by chunk, in order
             for start in range(0, flat_x.shape[0], ctx.chunk):
                 part = flat_x[start:start + ctx.chunk].unsqueeze(0).requires_grad_(grad_x is not None)
                 # flagged as a recompute: the last projection skips its GEMM (its value is not needed)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import types
 
 import torch
-from shomin.tasks.models.levers.checkpointing import fetch, recomputing, rng_state, set_rng_state, stash
+from shomin.tasks.models.levers.checkpointing import fetch, recomputing, replaying_rng, rng_state, stash
 
 
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -50,12 +50,8 @@ def _dropped(x: torch.Tensor, keep: float, rng=None):
     with torch.no_grad():   # the Function owns the gradient
         if rng is None:
             return torch.native_dropout(x, 1.0 - keep, True)
-        now = rng_state(x.device)
-        set_rng_state(x.device, rng)
-        try:
+        with replaying_rng(x.device, rng):
             return torch.native_dropout(x, 1.0 - keep, True)
-        finally:
-            set_rng_state(x.device, now)
 
 
 class LoraLinear(torch.autograd.Function):

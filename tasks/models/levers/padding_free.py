@@ -12,6 +12,7 @@ work. That implementation is registered with transformers under VARLEN.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -38,8 +39,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cu is None or query.shape[0] != 1 or attention_mask is not None or dropout:
         raise ValueError(f"{VARLEN} attention is for padding-free training batches (one row, cu_seq_lens_q, no mask)")
     kernel = varlen_kernel()
+    params = _parameters(kernel)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))   # [tokens, heads, d]
-    params = inspect.signature(kernel).parameters
     extra = {}
     if k.shape[1] != q.shape[1]:   # grouped-query attention
         if "enable_gqa" in params:
@@ -58,6 +59,13 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     longest = int(kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max()))
     out = kernel(q, k, v, cu, cu, longest, longest, **extra)
     return out.unsqueeze(0), None
+
+
+@functools.cache
+def _parameters(kernel) -> frozenset:
+    """The names of the kernel's parameters (they changed between torch releases), read once per
+    kernel: the attention above runs in every layer of every forward."""
+    return frozenset(inspect.signature(kernel).parameters)
 
 
 def register() -> None:
