@@ -131,6 +131,53 @@ def varlen_matches_padded() -> dict:
             "grad_rel": ((got_grad - want_grad).norm() / want_grad.norm()).item()}
 
 
+def int8_weight_only_matches() -> dict:
+    """An 8-bit load routed through levers/int8_weights.py (model.int8_matmul: weight_only) against
+    the fp16 model it was quantized from and against bitsandbytes' LLM.int8 on the same weights:
+    logits of a GPT-NeoX at the 20B shape's width (fp16, 2 layers) and, with a LoRA on
+    query_key_value, the gradient of its A matrices."""
+    import tempfile
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import checkout  # noqa: F401 - shomin from this checkout
+    from peft import get_peft_model
+    from shomin.tasks.ground.settings import LoraSettings, ModelSpec
+    from shomin.tasks.models.levers import int8_weights
+    from shomin.tasks.models.loading import load_causal_lm, lora_config
+    from transformers import GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    path = Path(tempfile.mkdtemp()) / "neox"
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=2048, hidden_size=6144, num_hidden_layers=2, num_attention_heads=64,
+                                     intermediate_size=24576, rotary_pct=0.25)).half().save_pretrained(path)
+    ids = torch.randint(3, 2048, (4, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    out, routed = {}, {}
+    for name, quant, mode in (("fp16", "none", "weight_only"), ("weight_only", "8bit", "weight_only"),
+                              ("llm_int8", "8bit", "llm_int8")):
+        lm = load_causal_lm(path, ModelSpec(source=str(path), dtype="float16", int8_matmul=mode), "cuda", quantization=quant)
+        routed[name] = sum(isinstance(getattr(m, "forward", None), type(lm.forward)) and
+                           getattr(m.forward, "__func__", None) is int8_weights._forward for m in lm.modules())
+        torch.manual_seed(2)
+        peft = get_peft_model(lm, lora_config(LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["query_key_value"])))
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+        logits = peft(input_ids=ids).logits.float()
+        logits.logsumexp(-1).mean().backward()
+        grad = torch.cat([p.grad.float().flatten() for n, p in peft.named_parameters() if "lora_A" in n])
+        out[name] = (logits.detach(), grad)
+        del peft, lm
+        torch.cuda.empty_cache()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    return {"layers_routed": routed["weight_only"], "layers_routed_llm_int8": routed["llm_int8"],
+            **{f"{k}_logits_rel_vs_fp16": rel(out[k][0], out["fp16"][0]) for k in ("weight_only", "llm_int8")},
+            **{f"{k}_lora_grad_rel_vs_fp16": rel(out[k][1], out["fp16"][1]) for k in ("weight_only", "llm_int8")}}
+
+
+int8 = int8_weight_only_matches()
+ok = ok and int8["layers_routed"] == 8 and int8["layers_routed_llm_int8"] == 0 \
+    and int8["weight_only_logits_rel_vs_fp16"] <= int8["llm_int8_logits_rel_vs_fp16"] \
+    and int8["weight_only_logits_rel_vs_fp16"] < 0.05
+print(json.dumps({"check": "8-bit layers weight-only vs LLM.int8, both against fp16", **int8, "ok": ok}))
 varlen = varlen_matches_padded()
 ok = ok and (not varlen["varlen_kernel"] or (varlen["loss_rel"] < 1e-2 and varlen["grad_rel"] < 3e-2))
 print(json.dumps({"check": "padding-free rows via torch varlen flash attention vs the padded batch (bf16)", **varlen, "ok": ok}))

@@ -4,7 +4,10 @@ reference pass, PPO update). Seed 003 claims the 20B chain fits a 24 GB GPU.
 
 Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointing]
   ARCH: neox20b | neox7b | llama7b      QUANT: 8bit | 4bit | none
-  checkpointing: stages.ppo.gradient_checkpointing on
+  checkpointing: stages.ppo.gradient_checkpointing on;  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
+  own 8-bit matmul, as the seed ran) instead of the default weight_only
+Also prints, for the first two steps, the running peak after each phase (rollout, reference
+pass, update): which phase sets the stage's peak.
 Prints one JSON line. Needs: torch, transformers, peft, accelerate, bitsandbytes (carry wheels).
 """
 import json
@@ -37,6 +40,7 @@ from shomin.tasks.stages.ppo import PpoSettings  # noqa: E402
 ARCH, QUANT = sys.argv[1], sys.argv[2]
 QUERIES, NEW_TOKENS, STEPS = map(int, sys.argv[3:6])
 CHECKPOINTING = "checkpointing" in sys.argv[6:]
+INT8 = "llm_int8" if "llm_int8" in sys.argv[6:] else "weight_only"
 SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a dry run of the script on the tiny shape
 
@@ -82,6 +86,25 @@ def checkpoint() -> Path:
     return path
 
 
+def watch_phases() -> list:
+    """The running GPU peak (GiB) after each phase of the stage's first two steps, read off
+    without resetting the counter the stage's own peak comes from."""
+    from shomin.tasks.stages import ppo
+    seen = []
+
+    def after(name, fn):
+        def wrapped(*a, **kw):
+            out = fn(*a, **kw)
+            if len(seen) < 6:
+                torch.cuda.synchronize()
+                seen.append([name, round(torch.cuda.max_memory_allocated() / 2**30, 3)])
+            return out
+        return wrapped
+    for name in ("rollout", "advantages", "update"):
+        setattr(ppo, name, after(name, getattr(ppo, name)))
+    return seen
+
+
 def main():
     path = checkpoint()
     vocab = SHAPES[ARCH][1]["vocab_size"]
@@ -93,7 +116,7 @@ def main():
     data = DataResult(stage="dataset", output_dir=str(work), train_path=str(work / "train.jsonl"),
                       eval_path=str(work / "train.jsonl"), format="text", n_train=256, n_eval=0)
     merge = MergeResult(stage="merge", output_dir=str(path), merged_path=str(path))
-    spec = ModelSpec(source=str(path), dtype="float16")
+    spec = ModelSpec(source=str(path), dtype="float16", int8_matmul=INT8)
     settings = PpoSettings(
         quantization=QUANT, steps=STEPS, gradient_checkpointing=CHECKPOINTING, batch_size=QUERIES, mini_batch_size=4,
         response_min_tokens=NEW_TOKENS, response_max_tokens=NEW_TOKENS, save_steps=10**6,
@@ -101,6 +124,7 @@ def main():
         reward=RewardSettings(kind="function", function="gpu_ppo:reward"))
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    phases = watch_phases() if DEVICE == "cuda" else []
     t0 = time.time()
     ctx = StageContext(stage="ppo", settings=settings, model=spec, seed=0, device=DEVICE, out_dir=str(work / "ppo"))
     result = registry.execute(registry.get("ppo"), ctx, {"merge": merge, "dataset": data})
@@ -111,7 +135,8 @@ def main():
         "arch": ARCH, "quant": QUANT, "queries": QUERIES, "new_tokens": NEW_TOKENS, "steps": len(log),
         "s_per_step": round(mean("step_seconds"), 2), "rollout_s": round(mean("rollout_seconds"), 2),
         "update_s": round(mean("update_seconds"), 2),
-        "checkpointing": CHECKPOINTING,
+        "checkpointing": CHECKPOINTING, "int8_matmul": INT8 if QUANT == "8bit" else None,
+        "running_peak_gib": phases,
         "weights_gib": round(result.metrics.get("weights_gpu_gib", 0.0), 2),
         "overhead_gib": round(torch.cuda.max_memory_allocated() / 2**30 - result.metrics.get("weights_gpu_gib", 0.0), 2) if DEVICE == "cuda" else None,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,

@@ -2,6 +2,7 @@
 policy (mini-batch 4 x 24 tokens), eager and under torch.compile, with the GPU's busy time.
 
 Usage: python bench/gpu_ppo_profile.py QUANT [compile]     (after bench/gpu_ppo.py wrote the checkpoint)
+  BENCH_INT8=llm_int8: bitsandbytes' own 8-bit matmul instead of shomin's weight-only one
 Prints one JSON line per mode: ms per forward+backward (wall), ms of CUDA kernel time in it,
 and the top kernels. Wall far above kernel time means the step is bound by the host
 (Python and launches), which CUDA graphs remove; kernel time near wall means the GPU is.
@@ -21,6 +22,7 @@ from shomin.tasks.ground.settings import LoraSettings, ModelSpec  # noqa: E402
 from shomin.tasks.models.loading import checkpointed_in_eval, load_causal_lm, lora_config  # noqa: E402
 
 QUANT = sys.argv[1]
+INT8 = os.environ.get("BENCH_INT8", "weight_only")
 PATH = Path(os.environ.get("BENCH_DIR", "/tmp/bench")) / "ppo_neox20b"
 
 
@@ -41,7 +43,7 @@ def timed(lm, ids, attn, n=5) -> float:
 
 def main():
     from peft import get_peft_model
-    lm = load_causal_lm(PATH, ModelSpec(source=str(PATH), dtype="float16"), "cuda", quantization=QUANT)
+    lm = load_causal_lm(PATH, ModelSpec(source=str(PATH), dtype="float16", int8_matmul=INT8), "cuda", quantization=QUANT)
     lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = get_peft_model(lm, lora_config(LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["query_key_value"])))
     lm.eval()
@@ -57,7 +59,7 @@ def main():
         events = prof.key_averages()
         kernel_ms = sum(e.self_device_time_total for e in events) / 1000
         top = sorted(events, key=lambda e: -e.self_device_time_total)[:6]
-        print(json.dumps({"quant": QUANT, "mode": "eager", "checkpointing": checkpointing, "ms_fwd_bwd": round(wall, 1),
+        print(json.dumps({"quant": QUANT, "int8_matmul": INT8, "mode": "eager", "checkpointing": checkpointing, "ms_fwd_bwd": round(wall, 1),
                           "kernel_ms": round(kernel_ms, 1), "n_kernels": sum(e.count for e in events),
                           "top": [(e.key[:60], round(e.self_device_time_total / 1000, 1)) for e in top]}), flush=True)
     if "compile" in sys.argv[2:]:

@@ -70,7 +70,7 @@ def guard_bnb_cpu(model) -> int:
 def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization: str | None = None,
                    dtype: torch.dtype | str | None = None):
     """Weights from safetensors only; quantization defaults to the pipeline's; dtype "auto" keeps
-    the checkpoint's own."""
+    the checkpoint's own. 8-bit layers compute as `spec.int8_matmul` says (levers/int8_weights.py)."""
     from transformers import AutoModelForCausalLM
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # under `accelerate launch`: this process's GPU
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -87,6 +87,9 @@ def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization:
         model.to(device)
     if device == "cpu":
         guard_bnb_cpu(model)
+    if quantization == "8bit" and spec.int8_matmul == "weight_only":
+        from shomin.tasks.models.levers.int8_weights import use_weight_only
+        use_weight_only(model)
     return model
 
 
