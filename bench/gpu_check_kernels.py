@@ -173,6 +173,44 @@ def int8_weight_only_matches() -> dict:
             **{f"{k}_lora_grad_rel_vs_fp16": rel(out[k][1], out["fp16"][1]) for k in ("weight_only", "llm_int8")}}
 
 
+def int8_kernel_matches_portable() -> dict:
+    """levers/int8_kernel.py's Triton GEMM against the portable path (16-bit rows, torch's GEMM) on
+    the 20B shape's layer sizes, forward and input gradient, at RL's row counts; and each one's
+    time (ms, CUDA events, mean of 20) on the 20B MLP's first layer."""
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import checkout  # noqa: F401 - shomin from this checkout
+    from shomin.tasks.models.levers import int8_kernel, int8_weights as w8
+    worst, times = 0.0, {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n_out, n_in in ((18432, 6144), (6144, 24576)):
+        cb = torch.randint(-127, 128, (n_out, n_in), dtype=torch.int8, device="cuda", generator=g)
+        scale = torch.rand(n_out, 1, device="cuda", generator=g) * 1e-3
+        bias = torch.randn(n_out, device="cuda", generator=g).half()
+        for m in (16, 96, 768):
+            x = torch.randn(m, n_in, device="cuda", generator=g).half()
+            gy = torch.randn(m, n_out, device="cuda", generator=g).half()
+            pairs = ((int8_kernel.matmul(x, cb, scale.view(-1), bias, transposed=False), w8.portable_forward(x, cb, scale, bias)),
+                     (int8_kernel.matmul(gy, cb, scale.view(-1), None, transposed=True), w8.portable_grad(gy, cb, scale)))
+            for got, want in pairs:
+                worst = max(worst, ((got.float() - want.float()).norm() / want.float().norm()).item())
+            if n_out == 18432 and m == 96:
+                for name, fn in (("kernel", lambda: int8_kernel.matmul(x, cb, scale.view(-1), bias, transposed=False)),
+                                 ("portable", lambda: w8.portable_forward(x, cb, scale, bias))):
+                    fn()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(20):
+                        fn()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times[f"{name}_ms_18432x6144_m96"] = round(start.elapsed_time(end) / 20, 3)
+    return {"kernel_vs_portable_rel": worst, **times}
+
+
+kern = int8_kernel_matches_portable()
+ok = ok and kern["kernel_vs_portable_rel"] < 2e-3
+print(json.dumps({"check": "int8 Triton GEMM vs the portable weight-only path (fp16)", **kern, "ok": ok}))
 int8 = int8_weight_only_matches()
 ok = ok and int8["layers_routed"] == 8 and int8["layers_routed_llm_int8"] == 0 \
     and int8["weight_only_logits_rel_vs_fp16"] <= int8["llm_int8_logits_rel_vs_fp16"] \

@@ -10,11 +10,11 @@ STEPS=${1:-3}
 export BENCH_DIR=${BENCH_DIR:-/tmp/bench} RES=${RES:-bench/out} TQDM_DISABLE=1
 mkdir -p "$BENCH_DIR" "$RES"
 timeout 300 python3 bench/gpu_check_kernels.py > "$RES/check.txt" 2>&1
-ppo() { timeout 400 python3 bench/gpu_ppo.py neox20b "$@" 2>"$RES/ppo_err.txt" | grep '^{"arch"' >> "$RES/ppo.jsonl"; }
-ppo 8bit 16 16 "$STEPS" checkpointing          # writes the checkpoint first
+ppo() { timeout 400 python3 bench/gpu_ppo.py neox20b "$@" 2>>"$RES/ppo_err.txt" | grep '^{"arch"' >> "$RES/ppo.jsonl"; }
+ppo 8bit 16 16 "$STEPS"          # writes the checkpoint first
 timeout 300 python3 bench/gpu_ppo_profile.py 8bit > "$RES/profile.txt" 2>&1
-ppo 8bit 16 16 "$STEPS"
-ppo 4bit 16 16 "$STEPS" checkpointing
-timeout 300 python3 bench/gpu_ppo_profile.py 4bit >> "$RES/profile.txt" 2>&1
+ppo 8bit 16 16 "$STEPS" checkpointing
 ppo 4bit 16 16 "$STEPS"
+timeout 300 python3 bench/gpu_ppo_profile.py 4bit >> "$RES/profile.txt" 2>&1
+ppo 4bit 16 16 "$STEPS" checkpointing
 echo done > "$RES/done"

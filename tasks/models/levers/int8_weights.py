@@ -9,12 +9,14 @@ host and by those passes: on the 20B shape one update mini-batch took 314 ms of 
 time for 187 ms of kernels, 138 ms of them dequantizing (README, "Benchmarks").
 
 Here the same stored weights (int8 rows `CB`, per-row absmax `SCB`) are used as they
-are: W = CB * SCB / 127 is written in one kernel per chunk of rows and fed to a 16-bit
-GEMM. The activations are never quantized, so the result is closer to the 16-bit model
+are: W = CB * SCB / 127, rounded once to the activations' dtype, times the 16-bit input.
+On CUDA one Triton GEMM (levers/int8_kernel.py) dequantizes each tile in registers, so the
+16-bit weight never exists; elsewhere (and for float32) W is written in one kernel per
+chunk of rows and fed to torch's GEMM. The activations are never quantized, so the result is closer to the 16-bit model
 than LLM.int8's (whose outlier threshold exists to approximate exactly this). The weight
 is frozen, so nothing of the input is kept for the backward: grad_x = grad_y @ W needs W
-only, which is dequantized again there. Chunks bound the 16-bit copy that exists at any
-moment to CHUNK_BYTES (a 20B model's MLP weights are 302 MB each in 16 bits).
+only, which is dequantized again there. On the portable path, chunks bound the 16-bit copy that
+exists at any moment to CHUNK_BYTES (a 20B model's MLP weights are 302 MB each in 16 bits).
 
 `ModelSpec.int8_matmul: llm_int8` keeps bitsandbytes' own computation (the seed's).
 """
@@ -43,30 +45,67 @@ def dequantized(cb: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int], dt
     return torch.mul(cb[a:b], scale[a:b], out=out)
 
 
+def _kernel():
+    """levers/int8_kernel.py where Triton is installed (CUDA builds of torch), else None."""
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            from shomin.tasks.models.levers import int8_kernel
+            _KERNEL = int8_kernel
+        except ImportError:
+            _KERNEL = False
+    return _KERNEL or None
+
+
+_KERNEL = None
+
+
+def uses_kernel(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _kernel() is not None
+
+
+def portable_forward(x2d: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x2d @ W^T + bias through chunks of 16-bit rows (any device, any dtype)."""
+    parts = [F.linear(x2d, dequantized(cb, scale, rows, x2d.dtype), None if bias is None else bias[rows[0]:rows[1]])
+             for rows in _row_chunks(cb.shape[0], cb.shape[1], x2d.element_size())]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
+def portable_grad(grad2d: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad2d @ W, accumulated chunk by chunk of W's rows."""
+    grad_x = grad2d.new_zeros((grad2d.shape[0], cb.shape[1]))
+    for a, b in _row_chunks(cb.shape[0], cb.shape[1], grad2d.element_size()):
+        grad_x.addmm_(grad2d[:, a:b], dequantized(cb, scale, (a, b), grad2d.dtype))
+    return grad_x
+
+
 class Int8WeightLinear(torch.autograd.Function):
     """y = x @ (CB * scale)^T + bias with CB int8 [out, in] and scale float32 [out, 1], frozen."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        chunks = _row_chunks(cb.shape[0], cb.shape[1], x.element_size())
-        parts = [F.linear(x, dequantized(cb, scale, rows, x.dtype), None if bias is None else bias[rows[0]:rows[1]])
-                 for rows in chunks]
         ctx.save_for_backward(cb, scale)   # the frozen weight itself, not the input
         ctx.has_bias = bias is not None
-        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        x2d = x.reshape(-1, x.shape[-1])
+        if uses_kernel(x):
+            y = _kernel().matmul(x2d, cb, scale.view(-1), bias, transposed=False)
+        else:
+            y = portable_forward(x2d, cb, scale, bias)
+        return y.view(*x.shape[:-1], cb.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         cb, scale = ctx.saved_tensors
         grad_x = grad_bias = None
+        flat = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[0]:
-            flat = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_x = flat.new_zeros((flat.shape[0], cb.shape[1]))
-            for a, b in _row_chunks(cb.shape[0], cb.shape[1], grad_out.element_size()):
-                grad_x.addmm_(flat[:, a:b], dequantized(cb, scale, (a, b), grad_out.dtype))
+            if uses_kernel(grad_out):
+                grad_x = _kernel().matmul(flat, cb, scale.view(-1), None, transposed=True)
+            else:
+                grad_x = portable_grad(flat, cb, scale)
             grad_x = grad_x.view(*grad_out.shape[:-1], cb.shape[1])
         if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_bias = flat.sum(0)
         return grad_x, None, None, grad_bias
 
 
