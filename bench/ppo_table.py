@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def entry(key: tuple[str, bool], runs: dict) -> dict | None:
             "trl011_overhead_gib": round(trl_over, 2), "ppo_overhead_gib": round(our_over, 2),
             "speed_ratio": round(trl["s_per_step"] / ours["s_per_step"], 2),
             "overhead_ratio": round(our_over / trl_over, 2) if trl_over > 0 else None,
-            "steps": ours["steps"], "gpu": ours["gpu"]}
+            "steps": ours["steps"], "gpu": ours["gpu"], "int8_matmul": ours.get("int8_matmul")}
 
 
 def table(rows: list[dict]) -> str:
@@ -71,8 +72,9 @@ def main() -> None:
     print(table(rows))
     path = Path(args.results)
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["ppo_trl011"] = {"command": "TRL011=../shared/bench/trl011_ppo.py TRL011_SITE=... bash bench/gpu_ppo_trl011.sh",
-                             "rows": rows}
+    results["ppo_trl011"] = {"command": "TRL011=../shared/bench/trl011_ppo.py TRL011_SITE=... bash bench/gpu_rlhf20b_all.sh "
+                                        "(its first part: bench/gpu_ppo_trl011.sh)",
+                             "date": time.strftime("%Y-%m-%d"), "rows": rows}
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 

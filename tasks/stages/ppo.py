@@ -319,7 +319,8 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     policy and reference (twice the batch; one layer's activations and the 16-bit logits of the
     response positions) and the update (one mini-batch's activations, all layers' or, under
     gradient checkpointing, each layer's input + one layer's, and its response logits) + one
-    dequantized layer weight of a quantized base."""
+    dequantized layer weight of a 4-bit base (or of an 8-bit one under llm_int8; the weight-only
+    8-bit GEMM dequantizes in registers on CUDA)."""
     shape, notes = inputs.shape, inputs.notes
     w, _, pb = mem.weights(shape, ppo.quantization, inputs.spec, inputs.device)
     n_lora, s = mem.lora_params(shape, ppo.lora), ppo.query_max_tokens + ppo.response_max_tokens
@@ -330,7 +331,8 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     act = mem.activations(ppo.mini_batch_size, s, shape, pb, ppo.gradient_checkpointing)  # eval mode: no dropout copies
     logits = mem.logits(ppo.mini_batch_size, r, shape, dtype_bytes=pb)
     largest = max(i * o for i, o, _ in shape["linears"].values())
-    dequant = largest * pb if ppo.quantization != "none" else 0
+    dequant = largest * pb if ppo.quantization == "4bit" or (
+        ppo.quantization == "8bit" and inputs.spec.int8_matmul == "llm_int8") else 0
     head = 16 * (shape["hidden_size"] + 1)
     notes["ppo.weights"] = f"{ppo.quantization}: stages.ppo.quantization"
     notes["ppo.lora"] = f"{n_lora:,} params x (4 B weight + 4 B grad)"
