@@ -259,6 +259,13 @@ def test_gpt_neox_20b_8bit():
     h = 6144  # all-linear: query_key_value (h -> 3h), dense, h -> 4h, 4h -> h; embed_out excluded
     assert plan.stages["ppo"]["lora"] == 8 * 16 * 44 * ((h + 3 * h) + 2 * h + 2 * (h + 4 * h))
     assert plan.fits is True
+    # weight-only 8-bit layers dequantize in registers; bitsandbytes' LLM.int8 and 4-bit make a
+    # 16-bit copy of one weight at a time (the largest: dense_h_to_4h, h x 4h)
+    assert plan.stages["ppo"]["dequant"] == 0
+    for model, ppo_quant in (({"int8_matmul": "llm_int8"}, "8bit"), ({}, "4bit")):
+        other = plan_memory(pipeline("x", device="cuda", quantization="8bit", ppo=PpoSettings(quantization=ppo_quant),
+                                     **model), shape, "cuda", 80 * GIB, 80 * GIB)
+        assert other.stages["ppo"]["dequant"] == h * 4 * h * 2
 
 
 def test_environment_never_crashes():
