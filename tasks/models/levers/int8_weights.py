@@ -22,13 +22,14 @@ exists at any moment to CHUNK_BYTES (a 20B model's MLP weights are 302 MB each i
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
 from torch.nn import functional as F
 
-# Largest 16-bit weight slice alive at once. 64 MiB is one MLP weight of a 7B model and a
-# fifth of a 20B one; smaller chunks cost a launch each and gain little memory.
+# The portable path's largest 16-bit weight slice alive at once: under a quarter of one of a
+# 20B model's MLP weights (302 MB); smaller slices cost a launch each and gain little.
 CHUNK_BYTES = 64 << 20
 
 
@@ -45,19 +46,14 @@ def dequantized(cb: torch.Tensor, scale: torch.Tensor, rows: tuple[int, int], dt
     return torch.mul(cb[a:b], scale[a:b], out=out)
 
 
+@functools.cache
 def _kernel():
     """levers/int8_kernel.py where Triton is installed (CUDA builds of torch), else None."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            from shomin.tasks.models.levers import int8_kernel
-            _KERNEL = int8_kernel
-        except ImportError:
-            _KERNEL = False
-    return _KERNEL or None
-
-
-_KERNEL = None
+    try:
+        from shomin.tasks.models.levers import int8_kernel
+    except ImportError:
+        return None
+    return int8_kernel
 
 
 def uses_kernel(x: torch.Tensor) -> bool:
