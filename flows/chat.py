@@ -119,10 +119,12 @@ def converse(speaker: Speaker, args, out=sys.stdout) -> int:
 
 
 def cmd_chat(args) -> int:
+    from shomin.tasks.models.chat import sigint_blocked
     from shomin.tasks.models.loading import resolve_device
     run = resolve_target(args.target, args.file)
-    speaker = Speaker(run_model(run), resolve_device(args.device), args.compare)
     try:
+        with sigint_blocked():   # the threads torch starts while loading never take Ctrl-C from the prompt
+            speaker = Speaker(run_model(run), resolve_device(args.device), args.compare)
         return converse(speaker, args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -171,3 +171,30 @@ def test_a_push_that_cannot_happen_is_refused_before_the_run(tmp_path, tiny_chat
     r = shomin("run", "tiny-chat", cwd=tmp_path)   # tests run with HF_HUB_OFFLINE=1
     assert r.returncode == 2 and "stages.export.push_to_hub: someone/tiny-chat: HF_HUB_OFFLINE=1" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_is_left_to_the_main_thread(tiny_model):
+    """A SIGINT the kernel hands to a helper thread leaves the main thread asleep in readline:
+    the generation thread (and what loads under sigint_blocked) must block it, the main thread not."""
+    import signal
+    import threading
+
+    from shomin.tasks.models.chat import sigint_blocked, stream_answer
+    from shomin.tasks.models.loading import load_causal_lm, load_tokenizer
+    from shomin.tasks.ground.settings import ModelSpec
+    masks = {}
+    mask = lambda: signal.pthread_sigmask(signal.SIG_BLOCK, set())  # noqa: E731 - reads the calling thread's mask
+    with sigint_blocked():
+        helper = threading.Thread(target=lambda: masks.setdefault("loader", mask()))
+        helper.start()
+    helper.join()
+    model, tok = load_causal_lm(tiny_model, ModelSpec(source=str(tiny_model)), "cpu"), load_tokenizer(tiny_model)
+    generate = model.generate
+
+    def watched(**kw):
+        masks["generation"] = mask()
+        return generate(**kw)
+    model.generate = watched
+    assert "".join(stream_answer(model, tok, tok("hello").input_ids, 3, "cpu")) is not None
+    assert signal.SIGINT in masks["loader"] and signal.SIGINT in masks["generation"]
+    assert signal.SIGINT not in mask()

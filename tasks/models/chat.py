@@ -12,7 +12,10 @@ reasoning from past turns) breaks that arithmetic and is refused by name.
 """
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from shomin.tasks.ground.errors import ConfigError, DataError
 
@@ -74,13 +77,28 @@ def ask(tok, history: list[dict], fmt: str, template: dict) -> list[int]:
     return tok(last)["input_ids"]
 
 
+@contextmanager
+def sigint_blocked():
+    """Threads started inside (torch's workers while a model loads, the generation thread)
+    inherit a signal mask without SIGINT, so Ctrl-C always reaches the main thread. The kernel
+    hands a process's SIGINT to any thread that does not block it; one that lands on a helper
+    thread leaves the main thread asleep in readline until the next key. A SIGINT that arrives
+    inside is delivered when the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def stream_answer(model, tok, prompt_ids: list[int], max_new_tokens: int, device: str,
                   sample: bool = False, temperature: float = 0.7, top_p: float = 0.9) -> Iterator[str]:
     """Yields the answer's text as it is generated: generate() runs in a thread that feeds a
     streamer. Leaving the loop early (Ctrl-C) stops generation at its next token; an error
     in the thread is raised here instead of leaving the reader waiting forever."""
-    import threading
-
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -107,7 +125,8 @@ def stream_answer(model, tok, prompt_ids: list[int], max_new_tokens: int, device
             streamer.end()
 
     worker = threading.Thread(target=generate, daemon=True)
-    worker.start()
+    with sigint_blocked():
+        worker.start()
     try:
         yield from streamer
     finally:
