@@ -108,7 +108,7 @@ def test_a_terminal_session_streams_and_leaves_cleanly(chat_run, leave):
     assert b"you> " in _read_until(fd, b"you> ", 240)
     os.write(fd, "ゆで卵の時間は？\r".encode())
     assert b"you> " in _read_until(fd, b"you> ", 120)       # answered, asked again
-    # as a person would: a moment after the prompt shows. (This case failed now and then while
+    # as a person would: a moment after the prompt shows. (This case failed now and then, most likely while
     # the kernel could hand the SIGINT to one of torch's threads; see chat.sigint_blocked.)
     time.sleep(1)
     os.write(fd, leave)
