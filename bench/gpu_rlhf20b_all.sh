@@ -24,11 +24,13 @@ rm -rf "$BENCH_DIR/ppo_neox20b"
 python3 bench/gpu_rlhf20b.py --work "$BENCH_DIR" --runs "$RUNS" --set stages.env_check.headroom=1.0 2>>"$RES/err.txt" \
   | tail -20
 cp "$BENCH_DIR/rlhf20b.json" "$RES/" 2>/dev/null
+cp bench/results.json "$RES/results.json"
+python3 bench/ppo_table.py "$RES/ppo_trl011.jsonl" --results "$RES/results.json" > /dev/null
 python3 - "$RES" <<'PY'
 import json, sys, time
 from pathlib import Path
 res = Path(sys.argv[1])
-results = json.loads(Path("bench/results.json").read_text())   # ppo_table.py has written ppo_trl011
+results = json.loads((res / "results.json").read_text())
 chain = res / "rlhf20b.json"
 if chain.exists():
     import torch
