@@ -154,8 +154,8 @@ def int8_weight_only_matches() -> dict:
     for name, quant, mode in (("fp16", "none", "weight_only"), ("weight_only", "8bit", "weight_only"),
                               ("llm_int8", "8bit", "llm_int8")):
         lm = load_causal_lm(path, ModelSpec(source=str(path), dtype="float16", int8_matmul=mode), "cuda", quantization=quant)
-        routed[name] = sum(isinstance(getattr(m, "forward", None), type(lm.forward)) and
-                           getattr(m.forward, "__func__", None) is int8_weights._forward for m in lm.modules())
+        routed[name] = sum(getattr(getattr(m, "forward", None), "__func__", None) is int8_weights._forward
+                           for m in lm.modules())
         torch.manual_seed(2)
         peft = get_peft_model(lm, lora_config(LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["query_key_value"])))
         for n, p in peft.named_parameters():

@@ -10,6 +10,8 @@ it against the portable path and the fp16 model on the GPU.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -47,11 +49,16 @@ def _w8_matmul(a_ptr, w_ptr, s_ptr, bias_ptr, c_ptr, M, N, K,
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _blocks(m: int, n: int) -> tuple[int, int]:
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _blocks(m: int, n: int, device: torch.device) -> tuple[int, int]:
     # All rows in one block up to 128 (the weight is then read once); narrower column blocks
     # when there would be too few of them to keep every SM streaming.
     block_m = min(128, max(16, triton.next_power_of_2(m)))
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     block_n = 64 if triton.cdiv(n, 64) * triton.cdiv(m, block_m) >= 2 * sms else 32
     return block_m, block_n
 
@@ -64,7 +71,7 @@ def matmul(a: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor, bias: torch.T
     n = cb.shape[1] if transposed else cb.shape[0]
     k = a.shape[1]
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    block_m, block_n = _blocks(m, n)
+    block_m, block_n = _blocks(m, n, a.device)
     # B[k, n] = cb[n, k] (forward) or cb[k, n] (gradient); the scale goes with cb's row
     stride_wk, stride_wn = (cb.stride(0), cb.stride(1)) if transposed else (cb.stride(1), cb.stride(0))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
