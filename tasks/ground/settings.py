@@ -34,6 +34,7 @@ class ModelSpec(Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="Load the base weights quantized with bitsandbytes.")
     int8_matmul: Literal["weight_only", "llm_int8"] = Field("weight_only", description="How 8-bit layers compute. weight_only: the stored int8 weights times 16-bit activations (on CUDA one Triton GEMM that dequantizes in registers, elsewhere in chunks of rows; nothing of the input kept for the backward; faster, and closer to the 16-bit model). llm_int8: bitsandbytes' LLM.int8() with its outlier threshold, as seed 003 ran.")
+    int4_matmul: Literal["fused", "bitsandbytes"] = Field("fused", description="How 4-bit layers compute on CUDA. fused: up to 1024 rows one Triton GEMM dequantizes each tile in registers (no 16-bit copy of a weight; the cost of RL rollouts and PPO updates), beyond that bitsandbytes' dequantize in slices of rows and torch's GEMM; nothing of the input kept for the backward. bitsandbytes: its own Linear4bit (the whole weight dequantized per call). CPUs always use bitsandbytes'.")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (QLoRA uses nf4).")
     bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Matmul dtype of 4-bit layers.")

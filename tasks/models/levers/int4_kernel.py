@@ -1,0 +1,102 @@
+"""The CUDA path of levers/int4_weights.py: one Triton GEMM that reads a bitsandbytes 4-bit
+weight as stored (two 4-bit codes a byte, one absmax per 64 weights, the absmax itself
+8-bit under double quantization) and dequantizes each tile in registers.
+
+bitsandbytes' own 4-bit layer writes the whole 16-bit weight (302 MB for one MLP matrix of a
+20B model), then a GEMM reads it back: 4.5 bytes of traffic a parameter per pass, and the
+copy adds to the peak. Here 0.5 bytes a parameter move and no copy exists. At the token
+counts of RL (rollouts and update mini-batches of tens to hundreds of rows) that traffic is
+the GEMM's cost.
+
+Imported only where CUDA and Triton are (CI has neither): bench/gpu_check_kernels.py checks
+it against bitsandbytes' dequantize-then-GEMM on the GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shomin.tasks.models.levers.int8_kernel import _sm_count
+
+BLOCKSIZE = 64   # the absmax block this kernel reads; bitsandbytes' default for 4-bit weights
+
+
+@triton.jit
+def _w4_matmul(a_ptr, q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, bias_ptr, c_ptr,
+               M, N, K, W_COLS, BLOCK2,
+               stride_am, stride_ak, stride_cm, stride_cn,
+               TRANSPOSED: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[M, N] = A[M, K] @ B[K, N] (+ bias[N]) with B = W^T (the forward) or W (TRANSPOSED: the
+    input's gradient); W is [rows, W_COLS] row-major, element f = row * W_COLS + col stored in
+    byte f // 2 (even f in the high nibble) as code[nibble] * absmax[f // 64]. The 64 columns of
+    one absmax block lie along BLOCK_K (forward) or BLOCK_N (transposed), so a tile needs one
+    absmax per weight row. As bitsandbytes does, each weight is formed in float32 and rounded
+    once to A's dtype; the products accumulate in float32."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        if TRANSPOSED:   # B[k, n] = W[k, n]: weight rows along the reduction
+            flat = kk[:, None].to(tl.int64) * W_COLS + rn[None, :]
+            block = (kk.to(tl.int64) * W_COLS + pid_n * BLOCK_N) // 64
+            row_ok = kk < K
+        else:            # B[k, n] = W[n, k]
+            flat = rn[None, :].to(tl.int64) * W_COLS + kk[:, None]
+            block = (rn.to(tl.int64) * W_COLS + k0) // 64
+            row_ok = rn < N
+        ok = (kk[:, None] < K) & (rn[None, :] < N)
+        packed = tl.load(q_ptr + flat // 2, mask=ok, other=0).to(tl.int32)
+        nibble = (packed >> ((1 - (flat % 2)) * 4).to(tl.int32)) & 0xF
+        w = tl.load(code_ptr + nibble)
+        if NESTED:   # double quantization: the absmax is 8-bit, with one float scale per BLOCK2 of them
+            s = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=row_ok, other=0).to(tl.int32)) \
+                * tl.load(absmax2_ptr + block // BLOCK2, mask=row_ok, other=0.0) + offset
+        else:
+            s = tl.load(absmax_ptr + block, mask=row_ok, other=0.0)
+        if TRANSPOSED:
+            b = (w * s[:, None]).to(a.dtype)
+        else:
+            b = (w * s[None, :]).to(a.dtype)
+        acc += tl.dot(a, b)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def matmul(a: torch.Tensor, packed: torch.Tensor, layout, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """a [M, in] @ W^T (+ bias) when not transposed (the forward; W is [out, in] = layout.shape);
+    a [M, out] @ W when transposed (the input's gradient). `layout` is int4_weights.Layout: the
+    weight's code table and absmax (nested or not); its blocksize must be BLOCKSIZE and `in` a
+    multiple of it (supported() says)."""
+    rows, cols = layout.shape
+    m, k = a.shape
+    n = cols if transposed else rows
+    c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    if transposed:
+        block_n, block_k = BLOCKSIZE, 64
+    else:   # narrower column blocks when there would be too few to keep every SM streaming
+        sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        block_n = 64 if triton.cdiv(n, 64) * triton.cdiv(m, block_m) >= 2 * sms else 32
+        block_k = BLOCKSIZE
+    nested = layout.code2 is not None
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _w4_matmul[grid](a, packed, layout.code, layout.absmax, layout.code2 if nested else layout.code,
+                     layout.absmax2 if nested else layout.absmax, layout.offset,
+                     bias if bias is not None else a, c,
+                     m, n, k, cols, layout.block2, a.stride(0), a.stride(1), c.stride(0), c.stride(1),
+                     TRANSPOSED=transposed, NESTED=nested, HAS_BIAS=bias is not None,
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    return c
+
+
+def supported(layout) -> bool:
+    return layout.blocksize == BLOCKSIZE and layout.shape[1] % BLOCKSIZE == 0
