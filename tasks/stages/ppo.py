@@ -35,6 +35,7 @@ from shomin.tasks.ground.records import PolicyRecord, PpoResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
 from shomin.tasks.models import memory as mem
+from shomin.tasks.models.levers.cuda_graphs import ReplayedStep
 from shomin.tasks.models.loading import checkpointed_in_eval, load_causal_lm, load_tokenizer, lora_config
 from shomin.tasks.models.ppo_math import (
     clipped_policy_loss,
@@ -80,6 +81,11 @@ class PpoSettings(Strict):
     gradient_checkpointing: bool = Field(False, description="Keep only each layer's input during the update and "
                                          "recompute the rest in the backward pass: less memory (most of a 20B "
                                          "model's activations), one more forward per mini-batch.")
+    cuda_graphs: bool = Field(True, description="On one CUDA device: record the update's forward + backward as a "
+                              "CUDA graph once per PPO step and replay it for every mini-batch (they share the "
+                              "rollout's shape). A mini-batch of a few hundred tokens is bound by the host "
+                              "issuing ops one by one; a replay issues them all at once. The graph and its "
+                              "memory are let go before the next rollout. Off: every mini-batch op by op.")
     early_stop_kl: float | None = Field(None, gt=0, description="Stop a step's PPO epochs when approx KL exceeds this.")
     whiten_rewards: bool = Field(False)
     save_steps: int = Field(10, gt=0, description="Checkpoint every N PPO steps.")
@@ -106,7 +112,9 @@ def build_policy(settings: PpoSettings, spec: ModelSpec, merged_path: str, devic
     from peft import get_peft_model
     lm = load_causal_lm(merged_path, spec, device, quantization=settings.quantization)
     if settings.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # no RNG state to save for the recompute (eval mode draws none), and reading it would break a CUDA graph
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                        "preserve_rng_state": False})
     lm = get_peft_model(lm, lora_config(settings.lora))  # LoRA B starts at 0: step-0 policy == reference
     # Dropout stays off (eval mode) throughout: PPO's ratio and the KL need rollout and update to be the same function.
     return PolicyWithValue(lm, settings.temperature).eval()
@@ -136,30 +144,44 @@ def update(model, optimizer, accelerator, params, batch: dict, settings: PpoSett
 
 
 def _epochs(model, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
-    stats = defaultdict(list)
-    n = batch["query"].shape[0]
-    for _ in range(settings.ppo_epochs):
-        for idx in torch.randperm(n).split(settings.mini_batch_size):
-            mask = batch["response_mask"][idx].float()
-            logprobs, values, _ = forward(model, batch, idx)
-            pg_loss, clip_frac, approx_kl = clipped_policy_loss(
-                logprobs, batch["logprobs"][idx], batch["advantages"][idx], mask, settings.clip_range)
-            vf_loss, _ = clipped_value_loss(values, batch["values"][idx], batch["returns"][idx], mask,
-                                            settings.clip_range_value)
-            loss = pg_loss + settings.vf_coef * vf_loss
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"ppo: loss became {loss.item()} at step {step}; "
-                                       "lower learning_rate or check the reward")
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-            for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_frac)):
-                stats[k].append(v.item())
-            approx_kl = accelerator.reduce(approx_kl.detach(), "mean").item()  # all ranks stop together
-            stats["approx_kl"].append(approx_kl)
-            if settings.early_stop_kl is not None and approx_kl > settings.early_stop_kl:
-                return means(stats)  # the policy left the trust region: stop this step's epochs
+    stats, n = defaultdict(list), batch["query"].shape[0]
+    rows = torch.zeros(settings.mini_batch_size, dtype=torch.long, device=batch["query"].device)
+
+    def minibatch() -> tuple:
+        """Forward + backward of the mini-batch whose row indices are in `rows` (a fixed tensor,
+        so a CUDA graph of this function serves every mini-batch of the step)."""
+        mask = batch["response_mask"][rows].float()
+        logprobs, values, _ = forward(model, batch, rows)
+        pg_loss, clip_frac, approx_kl = clipped_policy_loss(
+            logprobs, batch["logprobs"][rows], batch["advantages"][rows], mask, settings.clip_range)
+        vf_loss, _ = clipped_value_loss(values, batch["values"][rows], batch["returns"][rows], mask,
+                                        settings.clip_range_value)
+        loss = pg_loss + settings.vf_coef * vf_loss
+        accelerator.backward(loss)
+        return tuple(t.detach() for t in (loss, pg_loss, vf_loss, clip_frac, approx_kl))
+
+    graphed = settings.cuda_graphs and rows.is_cuda and accelerator.num_processes == 1
+    run = ReplayedStep(minibatch, params) if graphed else minibatch
+    try:
+        for _ in range(settings.ppo_epochs):
+            for idx in torch.randperm(n).split(settings.mini_batch_size):
+                rows.copy_(idx)
+                loss, pg_loss, vf_loss, clip_frac, approx_kl = run()
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"ppo: loss became {loss.item()} at step {step}; "
+                                           "lower learning_rate or check the reward")
+                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=not graphed)   # a graph rewrites its own gradient buffers
+                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_frac)):
+                    stats[k].append(v.item())
+                approx_kl = accelerator.reduce(approx_kl.clone(), "mean").item()  # all ranks stop together
+                stats["approx_kl"].append(approx_kl)
+                if settings.early_stop_kl is not None and approx_kl > settings.early_stop_kl:
+                    return means(stats)  # the policy left the trust region: stop this step's epochs
+    finally:
+        if graphed:
+            run.close()
     return means(stats)
 
 
@@ -318,9 +340,10 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     largest of the three phases, which alternate: rollouts (KV cache), the one no-grad pass of
     policy and reference (twice the batch; one layer's activations and the 16-bit logits of the
     response positions) and the update (one mini-batch's activations, all layers' or, under
-    gradient checkpointing, each layer's input + one layer's, and its response logits) + one
-    dequantized layer weight of a 4-bit base (or of an 8-bit one under llm_int8; the weight-only
-    8-bit GEMM dequantizes in registers on CUDA)."""
+    gradient checkpointing, each layer's input + one layer's, and its response logits; a CUDA
+    graph of it allocates the same at its recording) + one dequantized layer weight where
+    bitsandbytes dequantizes whole weights (a 4-bit base on CPU or under int4_matmul:
+    bitsandbytes, an 8-bit one under llm_int8; the fused GEMMs dequantize in registers)."""
     shape, notes = inputs.shape, inputs.notes
     w, _, pb = mem.weights(shape, ppo.quantization, inputs.spec, inputs.device)
     n_lora, s = mem.lora_params(shape, ppo.lora), ppo.query_max_tokens + ppo.response_max_tokens
@@ -331,7 +354,8 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     act = mem.activations(ppo.mini_batch_size, s, shape, pb, ppo.gradient_checkpointing)  # eval mode: no dropout copies
     logits = mem.logits(ppo.mini_batch_size, r, shape, dtype_bytes=pb)
     largest = max(i * o for i, o, _ in shape["linears"].values())
-    dequant = largest * pb if ppo.quantization == "4bit" or (
+    fused_4bit = inputs.spec.int4_matmul == "fused" and inputs.device.startswith("cuda")
+    dequant = largest * pb if (ppo.quantization == "4bit" and not fused_4bit) or (
         ppo.quantization == "8bit" and inputs.spec.int8_matmul == "llm_int8") else 0
     head = 16 * (shape["hidden_size"] + 1)
     notes["ppo.weights"] = f"{ppo.quantization}: stages.ppo.quantization"

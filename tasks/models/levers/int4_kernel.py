@@ -23,6 +23,34 @@ BLOCKSIZE = 64   # the absmax block this kernel reads; bitsandbytes' default for
 
 
 @triton.jit
+def _decode(packed, code_ptr):
+    """Bytes [R, C] -> weights' code values [R, 2C] in float32: the high nibble is the even
+    element (bitsandbytes' order). The 16-entry table is picked from by a tree of selects on
+    the code's bits, in registers (a gather from memory per weight was 14x slower)."""
+    hi = (packed >> 4) & 0xF
+    lo = packed & 0xF
+    nib = tl.interleave(hi, lo)
+    b0, b1, b2, b3 = (nib & 1) != 0, (nib & 2) != 0, (nib & 4) != 0, (nib & 8) != 0
+    l0 = tl.where(b1, tl.where(b0, tl.load(code_ptr + 3), tl.load(code_ptr + 2)),
+                  tl.where(b0, tl.load(code_ptr + 1), tl.load(code_ptr + 0)))
+    l1 = tl.where(b1, tl.where(b0, tl.load(code_ptr + 7), tl.load(code_ptr + 6)),
+                  tl.where(b0, tl.load(code_ptr + 5), tl.load(code_ptr + 4)))
+    l2 = tl.where(b1, tl.where(b0, tl.load(code_ptr + 11), tl.load(code_ptr + 10)),
+                  tl.where(b0, tl.load(code_ptr + 9), tl.load(code_ptr + 8)))
+    l3 = tl.where(b1, tl.where(b0, tl.load(code_ptr + 15), tl.load(code_ptr + 14)),
+                  tl.where(b0, tl.load(code_ptr + 13), tl.load(code_ptr + 12)))
+    return tl.where(b3, tl.where(b2, l3, l2), tl.where(b2, l1, l0))
+
+
+@triton.jit
+def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, block, ok, BLOCK2, NESTED: tl.constexpr):
+    if NESTED:   # double quantization: the absmax is 8-bit, with one float scale per BLOCK2 of them
+        return tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)) \
+            * tl.load(absmax2_ptr + block // BLOCK2, mask=ok, other=0.0) + offset
+    return tl.load(absmax_ptr + block, mask=ok, other=0.0)
+
+
+@triton.jit
 def _w4_matmul(a_ptr, q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, bias_ptr, c_ptr,
                M, N, K, W_COLS, BLOCK2,
                stride_am, stride_ak, stride_cm, stride_cn,
@@ -30,40 +58,35 @@ def _w4_matmul(a_ptr, q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offse
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[M, N] = A[M, K] @ B[K, N] (+ bias[N]) with B = W^T (the forward) or W (TRANSPOSED: the
     input's gradient); W is [rows, W_COLS] row-major, element f = row * W_COLS + col stored in
-    byte f // 2 (even f in the high nibble) as code[nibble] * absmax[f // 64]. The 64 columns of
-    one absmax block lie along BLOCK_K (forward) or BLOCK_N (transposed), so a tile needs one
-    absmax per weight row. As bitsandbytes does, each weight is formed in float32 and rounded
-    once to A's dtype; the products accumulate in float32."""
+    byte f // 2 as code[nibble] * absmax[f // 64]. A tile's bytes are read contiguously along
+    the weight's row, and its 64 columns of one absmax block lie along BLOCK_K (forward) or
+    BLOCK_N (transposed), so a tile needs one absmax per weight row. As bitsandbytes does,
+    each weight is formed in float32 and rounded once to A's dtype; the products accumulate
+    in float32."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    half_cols = W_COLS // 2
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :] * stride_ak,
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        if TRANSPOSED:   # B[k, n] = W[k, n]: weight rows along the reduction
-            flat = kk[:, None].to(tl.int64) * W_COLS + rn[None, :]
-            block = (kk.to(tl.int64) * W_COLS + pid_n * BLOCK_N) // 64
-            row_ok = kk < K
-        else:            # B[k, n] = W[n, k]
-            flat = rn[None, :].to(tl.int64) * W_COLS + kk[:, None]
-            block = (rn.to(tl.int64) * W_COLS + k0) // 64
-            row_ok = rn < N
-        ok = (kk[:, None] < K) & (rn[None, :] < N)
-        packed = tl.load(q_ptr + flat // 2, mask=ok, other=0).to(tl.int32)
-        nibble = (packed >> ((1 - (flat % 2)) * 4).to(tl.int32)) & 0xF
-        w = tl.load(code_ptr + nibble)
-        if NESTED:   # double quantization: the absmax is 8-bit, with one float scale per BLOCK2 of them
-            s = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=row_ok, other=0).to(tl.int32)) \
-                * tl.load(absmax2_ptr + block // BLOCK2, mask=row_ok, other=0.0) + offset
-        else:
-            s = tl.load(absmax_ptr + block, mask=row_ok, other=0.0)
-        if TRANSPOSED:
-            b = (w * s[:, None]).to(a.dtype)
-        else:
-            b = (w * s[None, :]).to(a.dtype)
+        if TRANSPOSED:   # B[k, n] = W[k, n]: weight rows kk, bytes along n
+            cb = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            packed = tl.load(q_ptr + kk[:, None].to(tl.int64) * half_cols + cb[None, :],
+                             mask=(kk[:, None] < K) & (cb[None, :] < half_cols), other=0)
+            s = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset,
+                        (kk.to(tl.int64) * W_COLS + pid_n * BLOCK_N) // 64, kk < K, BLOCK2, NESTED)
+            b = (_decode(packed, code_ptr) * s[:, None]).to(a.dtype)
+        else:            # B[k, n] = W[n, k]: weight rows rn, bytes along k
+            cb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(q_ptr + rn[:, None].to(tl.int64) * half_cols + cb[None, :],
+                             mask=(rn[:, None] < N) & (cb[None, :] < half_cols), other=0)
+            s = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset,
+                        (rn.to(tl.int64) * W_COLS + k0) // 64, rn < N, BLOCK2, NESTED)
+            b = tl.trans((_decode(packed, code_ptr) * s[:, None]).to(a.dtype))
         acc += tl.dot(a, b)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]

@@ -48,7 +48,10 @@ class Layout:
 
     @classmethod
     def of(cls, weight) -> "Layout":
-        state = weight.quant_state
+        return cls.from_state(weight.quant_state)
+
+    @classmethod
+    def from_state(cls, state) -> "Layout":
         nested = state.nested
         return cls(shape=tuple(state.shape), blocksize=state.blocksize, quant_type=state.quant_type,
                    code=state.code.float(), absmax=state.absmax,

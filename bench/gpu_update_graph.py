@@ -1,9 +1,10 @@
-"""Is a PPO update mini-batch bound by the host, and does compiling each decoder layer
-(torch.compile, regional: one compile serves every layer) take that away?
+"""Is a PPO update mini-batch bound by the host, and does capturing its forward + backward
+as one CUDA graph take that away (with and without gradient checkpointing)?
+(torch.compile of each decoder layer did not: 2026-11-24, 4-bit, the same wall time.)
 
 A GPT-NeoX of the 20B width with few layers (per-layer cost = the difference between
 two depths), LoRA r16 on query_key_value, mini-batch 4 x 24 tokens, logits_to_keep 17.
-Usage: python bench/gpu_layer_compile.py QUANT [LAYERS]    (QUANT: 4bit, 8bit)
+Usage: python bench/gpu_update_graph.py QUANT [LAYERS]    (QUANT: 4bit, 8bit)
 Prints one JSON line per (mode, depth): ms per forward+backward (wall), CUDA kernel ms,
 kernel count, peak GiB above the weights, and the largest LoRA-gradient difference to eager.
 """
@@ -14,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch._dynamo
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
@@ -67,10 +67,29 @@ def measure(lm, ids, attn, weights, n=5) -> dict:
             "n_kernels": sum(e.count for e in events), "over_weights_gib": round(peak, 3)}, grads
 
 
+def graphed(lm, ids, attn):
+    """The forward + backward captured once as a CUDA graph (after warm-up on a side stream);
+    replaying it rewrites the LoRA gradients in place."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(lm, ids, attn)
+    torch.cuda.current_stream().wait_stream(side)
+    for p in lm.parameters():
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(lm, ids, attn)
+    return graph
+
+
 def main():
     from peft import get_peft_model
+    from shomin.tasks.models.loading import checkpointed_in_eval
     path = checkpoint()
     lm = load_causal_lm(path, ModelSpec(source=str(path), dtype="float16"), "cuda", quantization=QUANT)
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False})
     lm = get_peft_model(lm, lora_config(LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["query_key_value"])))
     lm.eval()
     for p in lm.parameters():
@@ -83,36 +102,34 @@ def main():
     attn[0, :3] = 0
     layers = lm.base_model.model.gpt_neox.layers
     all_layers = list(layers)
-    eager = {}
     for depth in (LAYERS, 2):
         layers._modules = {str(i): m for i, m in enumerate(all_layers[:depth])}
-        row, eager[depth] = measure(lm, ids, attn, weights)
-        print(json.dumps({"quant": QUANT, "mode": "eager", "layers": depth, **row}), flush=True)
-    for layer in all_layers:
-        layer.compile()
-    for depth in (LAYERS, 2):
-        layers._modules = {str(i): m for i, m in enumerate(all_layers[:depth])}
-        try:
-            t = time.time()
-            torch._dynamo.utils.counters.clear()
-            row, grads = measure(lm, ids, attn, weights)
-            diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-                       for a, b in zip(grads, eager[depth]))
-            breaks = dict(torch._dynamo.utils.counters["graph_break"])
-            print(json.dumps({"quant": QUANT, "mode": "compiled_layers", "layers": depth, **row,
-                              "first_call_s": round(time.time() - t, 1), "grad_rel_diff": round(diff, 4),
-                              "graph_breaks": {k[:80]: v for k, v in list(breaks.items())[:5]}}), flush=True)
-            ids2, attn2 = ids[:, :20].contiguous(), attn[:, :20].contiguous()   # another length: recompiles?
-            t = time.time()
-            step(lm, ids2, attn2)
-            torch.cuda.synchronize()
-            row2, _ = measure(lm, ids2, attn2, weights)
-            print(json.dumps({"quant": QUANT, "mode": "compiled_layers_len20", "layers": depth, **row2,
-                              "first_call_s": round(time.time() - t, 1)}), flush=True)
-        except Exception as e:  # noqa: BLE001 - a measurement: say what broke
-            print(json.dumps({"quant": QUANT, "mode": "compiled_layers", "layers": depth,
-                              "error": f"{type(e).__name__}: {str(e)[:600]}"}), flush=True)
-            break
+        for ckpt in (False, True):
+            with checkpointed_in_eval(lm, ckpt):
+                row, eager = measure(lm, ids, attn, weights)
+                print(json.dumps({"quant": QUANT, "mode": "eager", "ckpt": ckpt, "layers": depth, **row}), flush=True)
+                try:
+                    torch.cuda.reset_peak_memory_stats()
+                    graph = graphed(lm, ids, attn)
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    grads = [p.grad.clone() for p in lm.parameters() if p.requires_grad]
+                    diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(grads, eager))
+                    peak = torch.cuda.max_memory_allocated() / 2**30 - weights
+                    t = time.perf_counter()
+                    for _ in range(10):
+                        graph.replay()
+                    torch.cuda.synchronize()
+                    ms = (time.perf_counter() - t) / 10 * 1000
+                    print(json.dumps({"quant": QUANT, "mode": "graph", "ckpt": ckpt, "layers": depth, "ms": round(ms, 1),
+                                      "over_weights_gib": round(peak, 3), "grad_rel_diff": round(diff, 5)}), flush=True)
+                    del graph
+                except Exception as e:  # noqa: BLE001 - a measurement: say what broke
+                    print(json.dumps({"quant": QUANT, "mode": "graph", "ckpt": ckpt, "layers": depth,
+                                      "error": f"{type(e).__name__}: {str(e)[:600]}"}), flush=True)
+                for p in lm.parameters():
+                    p.grad = None
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
