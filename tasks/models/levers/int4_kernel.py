@@ -46,10 +46,10 @@ def _decode(packed, code_ptr):
 def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset, block, ok, BLOCK2, NESTED: tl.constexpr):
     if NESTED:   # double quantization: the absmax is 8-bit, with one float scale per BLOCK2 of them
         s = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)) \
-            * tl.load(absmax2_ptr + block // BLOCK2, mask=ok, other=0.0) + offset
+            * tl.load(absmax2_ptr + block // BLOCK2, mask=ok, other=0.0).to(tl.float32) + offset
     else:
-        s = tl.load(absmax_ptr + block, mask=ok, other=0.0)
-    return s.to(tl.float32)
+        s = tl.load(absmax_ptr + block, mask=ok, other=0.0).to(tl.float32)
+    return s
 
 
 @triton.jit
