@@ -6,7 +6,7 @@ Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointin
   ARCH: neox20b | neox7b | llama7b      QUANT: 8bit | 4bit | none
   checkpointing: stages.ppo.gradient_checkpointing on;  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
   own 8-bit matmul, as the seed ran) instead of the default weight_only;  bnb4: model.int4_matmul
-  bitsandbytes instead of fused;  eager: stages.ppo.cuda_graphs off
+  bitsandbytes instead of sliced;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
 Also prints, for the first two steps, the running peak after each phase (rollout, reference
 pass, update): which phase sets the stage's peak.
@@ -43,7 +43,7 @@ ARCH, QUANT = sys.argv[1], sys.argv[2]
 QUERIES, NEW_TOKENS, STEPS = map(int, sys.argv[3:6])
 CHECKPOINTING = "checkpointing" in sys.argv[6:]
 INT8 = "llm_int8" if "llm_int8" in sys.argv[6:] else "weight_only"
-INT4 = "bitsandbytes" if "bnb4" in sys.argv[6:] else "fused"
+INT4 = "bitsandbytes" if "bnb4" in sys.argv[6:] else "sliced"
 CUDA_GRAPHS = "eager" not in sys.argv[6:]
 LAYERS = os.environ.get("BENCH_LAYERS")   # fewer layers of the same width: a quick look, not the table
 SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))

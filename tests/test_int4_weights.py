@@ -1,6 +1,5 @@
 """Frozen 4-bit layers computed from their stored codes (tasks/models/levers/int4_weights.py),
-on real bitsandbytes `Linear4bit` layers quantized on the CPU (the portable path; the
-Triton kernel is checked on a GPU by bench/gpu_check_kernels.py): the result and the input
+on real bitsandbytes `Linear4bit` layers quantized on the CPU : the result and the input
 gradient equal x @ W^T with W as bitsandbytes itself dequantizes it, with and without double
 quantization, in one slice of rows and in many; nothing of the input is kept for the
 backward; and a LoRA model on routed layers gets bitsandbytes' own gradients."""
@@ -37,7 +36,7 @@ def test_matches_bitsandbytes_weight_and_keeps_no_input(monkeypatch, double_quan
     q = quantized(torch.nn.Linear(128, 30), double_quant)
     assert q.weight.quant_state.nested == double_quant
     w = bnb_weight(q)
-    assert int4_weights.use_fused(torch.nn.Sequential(q)) == 1
+    assert int4_weights.use_sliced(torch.nn.Sequential(q)) == 1
     x = torch.randn(2, 5, 128, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -76,7 +75,7 @@ def test_a_lora_model_on_routed_4bit_layers_gets_bitsandbytes_gradients():
             for owner, name in ((layer.attention, "query_key_value"), (layer.attention, "dense"),
                                 (layer.mlp, "dense_h_to_4h"), (layer.mlp, "dense_4h_to_h")):
                 setattr(owner, name, quantized(getattr(owner, name)))
-    assert int4_weights.use_fused(routed) == 8
+    assert int4_weights.use_sliced(routed) == 8
     grads = []
     for model in (routed, own):
         torch.manual_seed(3)

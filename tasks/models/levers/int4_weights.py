@@ -1,24 +1,25 @@
-"""Frozen 4-bit layers whose weight is dequantized inside the GEMM, never as a whole.
+"""Frozen 4-bit layers dequantized a slice of rows at a time, never as a whole.
 
 bitsandbytes' `Linear4bit` computes x @ W^T by first writing all of W in 16 bits (302 MB
 for one MLP matrix of a 20B model), then a GEMM reads it back; the backward does the same
-again. With a LoRA at small token counts (RL rollouts and PPO mini-batches, tens to a few
-hundred rows) that traffic is the cost of the layer, and the copy sits on top of the peak.
+again. That copy sits on top of the peak of whatever runs: with a PPO policy on a 4-bit
+20B base it is a fifth of the memory the stage uses above its weights.
 
 Here the same stored weights (4-bit codes, absmax per 64 weights, double-quantized or not)
-are used as they are. On CUDA, up to FUSED_MAX_ROWS rows, one Triton GEMM
-(levers/int4_kernel.py) dequantizes each tile in registers. Elsewhere, and for more rows
-(where the GEMM is bound by arithmetic and cuBLAS is the better kernel), bitsandbytes'
-own dequantize writes W in slices of rows of at most CHUNK_BYTES that torch's GEMM
-consumes one by one. Either way each weight is formed in float32 and rounded once to
-the compute dtype, exactly as bitsandbytes rounds it. The weight is frozen, so nothing of
-the input is kept for the backward (grad_x = grad_y @ W needs only W).
+go through bitsandbytes' own dequantize in slices of rows of at most CHUNK_BYTES
+(levers/int8_weights.py), each consumed by torch's GEMM before the next is made: the
+same float32 products rounded once to the compute dtype, so the same result as
+bitsandbytes' layer. The weight is frozen, so nothing of the input is kept for the
+backward (grad_x = grad_y @ W needs only W). More launches per layer than one whole
+dequantize: under the PPO update's CUDA graph they cost nothing; in a host-bound rollout a
+little. (A Triton GEMM that decodes the 4-bit codes in registers was tried, 2026-11-24:
+three designs, 0.48 to 3.5 ms against bitsandbytes' 0.26 ms on one 18432x6144 layer at 96
+rows, so not shipped.)
 
 `ModelSpec.int4_matmul: bitsandbytes` keeps bitsandbytes' own computation.
 """
 from __future__ import annotations
 
-import functools
 import types
 from dataclasses import dataclass
 
@@ -26,16 +27,11 @@ import torch
 from torch.nn import functional as F
 from shomin.tasks.models.levers.int8_weights import row_chunks
 
-# Above this many rows a GEMM has enough arithmetic per weight for cuBLAS on a dequantized
-# slice to win over the fused kernel's fixed tiles.
-FUSED_MAX_ROWS = 1024
-
-
 @dataclass(frozen=True)
 class Layout:
     """How one frozen 4-bit weight is stored, read once when the layer is routed (reading the
     double-quantization offset is a host sync, which must not happen per call: a CUDA graph
-    capture forbids it)."""
+    capture forbids it; bitsandbytes' own layer adds it as a device tensor)."""
     shape: tuple[int, int]
     blocksize: int
     quant_type: str
@@ -85,7 +81,7 @@ def _chunks(layout: Layout, itemsize: int) -> list[tuple[int, int]]:
     return row_chunks(rows, cols, itemsize)
 
 
-def portable_forward(x2d, packed, layout: Layout, bias):
+def sliced_forward(x2d, packed, layout: Layout, bias):
     absmax = layout.absmax_float()
     parts = [F.linear(x2d, dequantized(packed, layout, absmax, rows, x2d.dtype),
                       None if bias is None else bias[rows[0]:rows[1]])
@@ -93,27 +89,12 @@ def portable_forward(x2d, packed, layout: Layout, bias):
     return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
-def portable_grad(grad2d, packed, layout: Layout):
+def sliced_grad(grad2d, packed, layout: Layout):
     absmax = layout.absmax_float()
     grad_x = grad2d.new_zeros((grad2d.shape[0], layout.shape[1]))
     for a, b in _chunks(layout, grad2d.element_size()):
         grad_x.addmm_(grad2d[:, a:b], dequantized(packed, layout, absmax, (a, b), grad2d.dtype))
     return grad_x
-
-
-@functools.cache
-def _kernel():
-    """levers/int4_kernel.py where Triton is installed (CUDA builds of torch), else None."""
-    try:
-        from shomin.tasks.models.levers import int4_kernel
-    except ImportError:
-        return None
-    return int4_kernel
-
-
-def fused(x2d: torch.Tensor, layout: Layout) -> bool:
-    return (x2d.is_cuda and x2d.dtype in (torch.float16, torch.bfloat16) and x2d.shape[0] <= FUSED_MAX_ROWS
-            and _kernel() is not None and _kernel().supported(layout))
 
 
 class Int4WeightLinear(torch.autograd.Function):
@@ -123,11 +104,7 @@ class Int4WeightLinear(torch.autograd.Function):
     def forward(ctx, x, packed, layout: Layout, bias):
         ctx.save_for_backward(packed)   # the frozen weight, not the input
         ctx.layout, ctx.has_bias = layout, bias is not None
-        x2d = x.reshape(-1, x.shape[-1])
-        if fused(x2d, layout):
-            y = _kernel().matmul(x2d, packed, layout, bias, transposed=False)
-        else:
-            y = portable_forward(x2d, packed, layout, bias)
+        y = sliced_forward(x.reshape(-1, x.shape[-1]), packed, layout, bias)
         return y.view(*x.shape[:-1], layout.shape[0])
 
     @staticmethod
@@ -136,11 +113,7 @@ class Int4WeightLinear(torch.autograd.Function):
         layout, grad_x, grad_bias = ctx.layout, None, None
         flat = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[0]:
-            if fused(flat, layout):
-                grad_x = _kernel().matmul(flat, packed, layout, None, transposed=True)
-            else:
-                grad_x = portable_grad(flat, packed, layout)
-            grad_x = grad_x.view(*grad_out.shape[:-1], layout.shape[1])
+            grad_x = sliced_grad(flat, packed, layout).view(*grad_out.shape[:-1], layout.shape[1])
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = flat.sum(0)
         return grad_x, None, None, grad_bias
@@ -157,7 +130,7 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return Int4WeightLinear.apply(x, self.weight.data, self._shomin_layout, self.bias).to(in_dtype)
 
 
-def use_fused(model) -> int:
+def use_sliced(model) -> int:
     """Route every frozen bitsandbytes 4-bit linear of `model` through Int4WeightLinear.
     Returns how many."""
     import bitsandbytes as bnb
