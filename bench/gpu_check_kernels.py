@@ -6,7 +6,7 @@ Liger's LayerNorm against torch's in bf16 (output within bf16 rounding, gradient
 then the SFT stage on a tiny GPT-NeoX with `kernels: liger` trains with Liger's RoPE routed in
 and leaves transformers' own rotary function in place when it ends (the levers' undo).
 Usage: python bench/gpu_check_kernels.py [kernels]   (one JSON line a check; exit 1 on a mismatch;
-  kernels: up to the int8 GEMM and 4-bit slice checks only)
+  kernels: up to the int8 GEMM checks only)
 """
 import json
 import sys
@@ -209,56 +209,9 @@ def int8_kernel_matches_portable() -> dict:
     return {"kernel_vs_portable_rel": worst, **times}
 
 
-def int4_sliced_matches_bitsandbytes() -> dict:
-    """levers/int4_weights.py's sliced path against bitsandbytes' own matmul_4bit on the 20B shape's
-    layer sizes, nf4 with and without double quantization, forward and input gradient, at RL's row
-    counts; and the time (ms, CUDA events, mean of 20, launches included) of each on the 20B MLP's
-    first layer at 96 rows, and the largest 16-bit copy each makes."""
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import checkout  # noqa: F401 - shomin from this checkout
-    import bitsandbytes as bnb
-    from shomin.tasks.models.levers import int4_weights as w4
-    worst, times = 0.0, {}
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for n_out, n_in in ((18432, 6144), (6144, 24576)):
-        w = (torch.randn(n_out, n_in, device="cuda", generator=g) * 0.02).half()
-        bias = torch.randn(n_out, device="cuda", generator=g).half()
-        for nested in (True, False):
-            packed, state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
-            layout = w4.Layout.from_state(state)
-            dense = bnb.functional.dequantize_4bit(packed, state).half()
-            for m in (16, 96, 768):
-                x = torch.randn(m, n_in, device="cuda", generator=g).half()
-                gy = torch.randn(m, n_out, device="cuda", generator=g).half()
-                pairs = ((w4.sliced_forward(x, packed, layout, bias), bnb.matmul_4bit(x, packed.t(), quant_state=state, bias=bias)),
-                         (w4.sliced_grad(gy, packed, layout), gy @ dense))
-                for got, want in pairs:
-                    worst = max(worst, ((got.float() - want.float()).norm() / want.float().norm()).item())
-                if n_out == 18432 and m == 96 and nested:
-                    for name, fn in (("sliced", lambda: w4.sliced_forward(x, packed, layout, bias)),
-                                     ("bitsandbytes", lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state, bias=bias))):
-                        fn()
-                        torch.cuda.synchronize()
-                        base = torch.cuda.memory_allocated()
-                        torch.cuda.reset_peak_memory_stats()
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        for _ in range(20):
-                            fn()
-                        end.record()
-                        torch.cuda.synchronize()
-                        times[f"{name}_ms_18432x6144_m96"] = round(start.elapsed_time(end) / 20, 3)
-                        times[f"{name}_transient_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-    return {"sliced_vs_bitsandbytes_rel": worst, **times}
-
-
 kern = int8_kernel_matches_portable()
 ok = ok and kern["kernel_vs_portable_rel"] < 2e-3
 print(json.dumps({"check": "int8 Triton GEMM vs the portable weight-only path (fp16)", **kern, "ok": ok}))
-kern4 = int4_sliced_matches_bitsandbytes()
-ok = ok and kern4["sliced_vs_bitsandbytes_rel"] < 2e-3
-print(json.dumps({"check": "4-bit layers dequantized in slices vs bitsandbytes' matmul_4bit (fp16)", **kern4, "ok": ok}))
 if sys.argv[1:] == ["kernels"]:   # the GEMM checks alone
     sys.exit(0 if ok else 1)
 int8 = int8_weight_only_matches()

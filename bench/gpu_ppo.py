@@ -5,8 +5,7 @@ reference pass, PPO update). Seed 003 claims the 20B chain fits a 24 GB GPU.
 Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointing]
   ARCH: neox20b | neox7b | llama7b      QUANT: 8bit | 4bit | none
   checkpointing: stages.ppo.gradient_checkpointing on;  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
-  own 8-bit matmul, as the seed ran) instead of the default weight_only;  bnb4: model.int4_matmul
-  bitsandbytes instead of sliced;  eager: stages.ppo.cuda_graphs off
+  own 8-bit matmul, as the seed ran) instead of the default weight_only;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
 Also prints, for the first two steps, the running peak after each phase (rollout, reference
 pass, update): which phase sets the stage's peak.
@@ -43,7 +42,6 @@ ARCH, QUANT = sys.argv[1], sys.argv[2]
 QUERIES, NEW_TOKENS, STEPS = map(int, sys.argv[3:6])
 CHECKPOINTING = "checkpointing" in sys.argv[6:]
 INT8 = "llm_int8" if "llm_int8" in sys.argv[6:] else "weight_only"
-INT4 = "bitsandbytes" if "bnb4" in sys.argv[6:] else "sliced"
 CUDA_GRAPHS = "eager" not in sys.argv[6:]
 LAYERS = os.environ.get("BENCH_LAYERS")   # fewer layers of the same width: a quick look, not the table
 SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))
@@ -122,7 +120,7 @@ def main():
     data = DataResult(stage="dataset", output_dir=str(work), train_path=str(work / "train.jsonl"),
                       eval_path=str(work / "train.jsonl"), format="text", n_train=256, n_eval=0)
     merge = MergeResult(stage="merge", output_dir=str(path), merged_path=str(path))
-    spec = ModelSpec(source=str(path), dtype="float16", int8_matmul=INT8, int4_matmul=INT4)
+    spec = ModelSpec(source=str(path), dtype="float16", int8_matmul=INT8)
     settings = PpoSettings(
         quantization=QUANT, steps=STEPS, gradient_checkpointing=CHECKPOINTING, cuda_graphs=CUDA_GRAPHS, batch_size=QUERIES, mini_batch_size=4,
         response_min_tokens=NEW_TOKENS, response_max_tokens=NEW_TOKENS, save_steps=10**6,
@@ -142,7 +140,7 @@ def main():
         "s_per_step": round(mean("step_seconds"), 2), "rollout_s": round(mean("rollout_seconds"), 2),
         "update_s": round(mean("update_seconds"), 2),
         "checkpointing": CHECKPOINTING, "int8_matmul": INT8 if QUANT == "8bit" else None,
-        "int4_matmul": INT4 if QUANT == "4bit" else None, "cuda_graphs": CUDA_GRAPHS, "layers": LAYERS,
+        "cuda_graphs": CUDA_GRAPHS, "layers": LAYERS,
         "running_peak_gib": phases,
         "weights_gib": round(result.metrics.get("weights_gpu_gib", 0.0), 2),
         "overhead_gib": round(torch.cuda.max_memory_allocated() / 2**30 - result.metrics.get("weights_gpu_gib", 0.0), 2) if DEVICE == "cuda" else None,

@@ -36,7 +36,6 @@ from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
 from shomin.tasks.models import memory as mem
 from shomin.tasks.models.levers.cuda_graphs import ReplayedStep
-from shomin.tasks.models.levers.int8_weights import CHUNK_BYTES
 from shomin.tasks.models.loading import checkpointed_in_eval, load_causal_lm, load_tokenizer, lora_config
 from shomin.tasks.models.ppo_math import (
     clipped_policy_loss,
@@ -342,10 +341,9 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     policy and reference (twice the batch; one layer's activations and the 16-bit logits of the
     response positions) and the update (one mini-batch's activations, all layers' or, under
     gradient checkpointing, each layer's input + one layer's, and its response logits; a CUDA
-    graph of it allocates the same at its recording) + one dequantized layer weight where
-    bitsandbytes dequantizes whole weights (a 4-bit base on CPU or under int4_matmul:
-    bitsandbytes, an 8-bit one under llm_int8), one slice of one under int4_matmul: sliced;
-    the weight-only 8-bit GEMM dequantizes in registers."""
+    graph of it allocates the same at its recording) + one dequantized layer weight of a 4-bit
+    base (or of an 8-bit one under llm_int8; the weight-only 8-bit GEMM dequantizes in
+    registers on CUDA)."""
     shape, notes = inputs.shape, inputs.notes
     w, _, pb = mem.weights(shape, ppo.quantization, inputs.spec, inputs.device)
     n_lora, s = mem.lora_params(shape, ppo.lora), ppo.query_max_tokens + ppo.response_max_tokens
@@ -356,11 +354,8 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     act = mem.activations(ppo.mini_batch_size, s, shape, pb, ppo.gradient_checkpointing)  # eval mode: no dropout copies
     logits = mem.logits(ppo.mini_batch_size, r, shape, dtype_bytes=pb)
     largest = max(i * o for i, o, _ in shape["linears"].values())
-    sliced = inputs.spec.int4_matmul == "sliced" and inputs.device.startswith("cuda")
-    dequant = largest * pb if (ppo.quantization == "4bit" and not sliced) or (
+    dequant = largest * pb if ppo.quantization == "4bit" or (
         ppo.quantization == "8bit" and inputs.spec.int8_matmul == "llm_int8") else 0
-    if ppo.quantization == "4bit" and sliced:   # one slice of rows (levers/int4_weights.py)
-        dequant = min(largest * pb, CHUNK_BYTES)
     head = 16 * (shape["hidden_size"] + 1)
     notes["ppo.weights"] = f"{ppo.quantization}: stages.ppo.quantization"
     notes["ppo.lora"] = f"{n_lora:,} params x (4 B weight + 4 B grad)"
