@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCH.parent))
 import checkout  # noqa: E402,F401
 from shapes import SHAPES  # noqa: E402
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec  # noqa: E402
+from shomin.tasks.models.levers.cuda_graphs import ReplayedStep  # noqa: E402
 from shomin.tasks.models.loading import load_causal_lm, lora_config  # noqa: E402
 
 QUANT = sys.argv[1]
@@ -67,23 +68,6 @@ def measure(lm, ids, attn, weights, n=5) -> dict:
             "n_kernels": sum(e.count for e in events), "over_weights_gib": round(peak, 3)}, grads
 
 
-def graphed(lm, ids, attn):
-    """The forward + backward captured once as a CUDA graph (after warm-up on a side stream);
-    replaying it rewrites the LoRA gradients in place."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(lm, ids, attn)
-    torch.cuda.current_stream().wait_stream(side)
-    for p in lm.parameters():
-        p.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(lm, ids, attn)
-    return graph
-
-
 def main():
     from peft import get_peft_model
     from shomin.tasks.models.loading import checkpointed_in_eval
@@ -110,20 +94,24 @@ def main():
                 print(json.dumps({"quant": QUANT, "mode": "eager", "ckpt": ckpt, "layers": depth, **row}), flush=True)
                 try:
                     torch.cuda.reset_peak_memory_stats()
-                    graph = graphed(lm, ids, attn)
-                    graph.replay()
+                    # the stage's own mechanism: first call op by op, second records and replays
+                    params = [p for p in lm.parameters() if p.requires_grad]
+                    replayed = ReplayedStep(lambda: (step(lm, ids, attn),), params)
+                    replayed()
+                    replayed()
                     torch.cuda.synchronize()
-                    grads = [p.grad.clone() for p in lm.parameters() if p.requires_grad]
+                    grads = [p.grad.clone() for p in params]
                     diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(grads, eager))
                     peak = torch.cuda.max_memory_allocated() / 2**30 - weights
                     t = time.perf_counter()
                     for _ in range(10):
-                        graph.replay()
+                        replayed()
                     torch.cuda.synchronize()
                     ms = (time.perf_counter() - t) / 10 * 1000
                     print(json.dumps({"quant": QUANT, "mode": "graph", "ckpt": ckpt, "layers": depth, "ms": round(ms, 1),
-                                      "over_weights_gib": round(peak, 3), "grad_rel_diff": round(diff, 5)}), flush=True)
-                    del graph
+                                      "over_weights_gib": round(peak, 3), "grad_rel_diff": round(diff, 5),
+                                      "replayed": replayed.graph is not None}), flush=True)
+                    replayed.close()
                 except Exception as e:  # noqa: BLE001 - a measurement: say what broke
                     print(json.dumps({"quant": QUANT, "mode": "graph", "ckpt": ckpt, "layers": depth,
                                       "error": f"{type(e).__name__}: {str(e)[:600]}"}), flush=True)

@@ -175,7 +175,7 @@ def _epochs(model, optimizer, accelerator, params, batch: dict, settings: PpoSet
                 optimizer.zero_grad(set_to_none=not graphed)   # a graph rewrites its own gradient buffers
                 for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_frac)):
                     stats[k].append(v.item())
-                approx_kl = accelerator.reduce(approx_kl.clone(), "mean").item()  # all ranks stop together
+                approx_kl = accelerator.reduce(approx_kl, "mean").item()  # all ranks stop together
                 stats["approx_kl"].append(approx_kl)
                 if settings.early_stop_kl is not None and approx_kl > settings.early_stop_kl:
                     return means(stats)  # the policy left the trust region: stop this step's epochs

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 CHUNK_BYTES = 64 << 20
 
 
-def row_chunks(n_rows: int, n_cols: int, itemsize: int) -> list[tuple[int, int]]:
+def _row_chunks(n_rows: int, n_cols: int, itemsize: int) -> list[tuple[int, int]]:
     rows = max(1, CHUNK_BYTES // (n_cols * itemsize))
     return [(r, min(r + rows, n_rows)) for r in range(0, n_rows, rows)]
 
@@ -63,14 +63,14 @@ def uses_kernel(x: torch.Tensor) -> bool:
 def portable_forward(x2d: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x2d @ W^T + bias through chunks of 16-bit rows (any device, any dtype)."""
     parts = [F.linear(x2d, dequantized(cb, scale, rows, x2d.dtype), None if bias is None else bias[rows[0]:rows[1]])
-             for rows in row_chunks(cb.shape[0], cb.shape[1], x2d.element_size())]
+             for rows in _row_chunks(cb.shape[0], cb.shape[1], x2d.element_size())]
     return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
 
 def portable_grad(grad2d: torch.Tensor, cb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """grad2d @ W, accumulated chunk by chunk of W's rows."""
     grad_x = grad2d.new_zeros((grad2d.shape[0], cb.shape[1]))
-    for a, b in row_chunks(cb.shape[0], cb.shape[1], grad2d.element_size()):
+    for a, b in _row_chunks(cb.shape[0], cb.shape[1], grad2d.element_size()):
         grad_x.addmm_(grad2d[:, a:b], dequantized(cb, scale, (a, b), grad2d.dtype))
     return grad_x
 
