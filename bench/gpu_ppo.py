@@ -7,6 +7,7 @@ Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointin
   checkpointing: stages.ppo.gradient_checkpointing on;  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
   own 8-bit matmul, as the seed ran) instead of the default weight_only;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
+  BENCH_MEMORY_SNAPSHOT=FILE: record every allocation and dump the trace to FILE (bench/memory_at_peak.py reads it)
 Also prints, for the first two steps, the running peak after each phase (rollout, reference
 pass, update): which phase sets the stage's peak.
 Prints one JSON line. Needs: torch, transformers, peft, accelerate, bitsandbytes (carry wheels).
@@ -129,9 +130,15 @@ def main():
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     phases = watch_phases() if DEVICE == "cuda" else []
+    snapshot = os.environ.get("BENCH_MEMORY_SNAPSHOT")
+    if snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     t0 = time.time()
     ctx = StageContext(stage="ppo", settings=settings, model=spec, seed=0, device=DEVICE, out_dir=str(work / "ppo"))
     result = registry.execute(registry.get("ppo"), ctx, {"merge": merge, "dataset": data})
+    if snapshot:
+        torch.cuda.memory._dump_snapshot(snapshot)
+        torch.cuda.memory._record_memory_history(enabled=None)
     log = json.loads((work / "ppo" / "ppo_log.json").read_text())
     timed = log[1:] or log  # the first step carries CUDA/cuBLAS warm-up
     mean = lambda k: sum(e[k] for e in timed) / len(timed)  # noqa: E731

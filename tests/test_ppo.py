@@ -101,6 +101,25 @@ def test_one_pass_gives_the_policy_and_the_adapter_disabled_reference(tiny_model
     torch.testing.assert_close(masked_mean(entropy, mask), entropy_from_logits(logits, mask), rtol=0, atol=1e-5)
 
 
+def test_the_value_head_reads_the_last_normed_layer_without_keeping_every_layers_output(tiny_model):
+    """Values come from the LM head's input at the kept positions: the same numbers as the last of
+    all hidden states, without asking the model to keep every layer's output."""
+    policy, batch = trained_policy(tiny_model, settings())
+    asked = []
+    policy.lm.register_forward_pre_hook(lambda m, a, kw: asked.append(kw.get("output_hidden_states")), with_kwargs=True)
+    with torch.no_grad():
+        policy.v_head.weight.normal_()
+        _, values, _ = rl.forward(policy, batch)
+        ids, attn = rl.sequences(batch)
+        hidden = policy.lm(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp_min(0),
+                           output_hidden_states=True).hidden_states[-1]
+    start = batch["query"].shape[1] - 1
+    expected = policy.v_head(hidden[:, start:-1].float()).squeeze(-1)
+    assert values.abs().max() > 1e-3
+    torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)
+    assert not asked[0]
+
+
 def test_gradient_checkpointing_in_eval_recomputes_and_keeps_the_gradients(tiny_model):
     """The update under checkpointing keeps less for the backward pass and gets the same gradients;
     rollouts outside it keep their KV cache (the layers are out of training mode again)."""

@@ -33,21 +33,38 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.lm, self.temperature = lm, temperature
         self.v_head = nn.Linear(lm.config.hidden_size, 1, device=lm.device, dtype=torch.float32) if value_head else None
+        self._head_input: torch.Tensor | None = None
+        self._keeping = False   # only inside forward(): generate() runs the LM head too
         if self.v_head is not None:  # V=0 at start: early advantages are the plain returns, not a random head's noise
             nn.init.zeros_(self.v_head.weight)
             nn.init.zeros_(self.v_head.bias)
+            # The value head reads what the LM head reads: the last layer's normed output at the kept positions.
+            # Asking the model for output_hidden_states instead would keep every layer's output of the batch
+            # (0.4 GiB for the reference pass of 32 rollouts at 20B) to use the last one.
+            lm.get_output_embeddings().register_forward_pre_hook(self._keep_head_input)
+
+    def _keep_head_input(self, module, args):
+        if self._keeping:
+            self._head_input = args[0]
 
     def forward(self, input_ids, attention_mask, logits_to_keep: int = 0, adapter_names: list[str] | None = None,
                 scaled: bool = True):
+        """(logits, values) at the last `logits_to_keep` positions (all when 0)."""
         # Left padding: count positions from the first real token, exactly as generate() does.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
         # logits_to_keep: the LM head runs on the last N positions only (the response's), so the
         # full-vocabulary logits of the query are never made.
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=self.v_head is not None, use_cache=False, logits_to_keep=logits_to_keep,
-                      **extra)
-        values = self.v_head(out.hidden_states[-1].float()).squeeze(-1) if self.v_head is not None else None
+        self._keeping = True
+        try:
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False, logits_to_keep=logits_to_keep, **extra)
+        finally:
+            self._keeping = False
+        values = None
+        if self.v_head is not None:
+            values = self.v_head(self._head_input.float()).squeeze(-1)
+            self._head_input = None
         if not scaled:   # the caller takes the float32 log-softmax in pieces
             return out.logits, values
         # The policy PPO optimises is the one that samples: logits at the sampling temperature.
@@ -112,8 +129,7 @@ def forward(model, batch: dict, idx=slice(None)):
     ids, attn = (x[idx] for x in sequences(batch))
     n = batch["response"].shape[1]
     logits, values = model(ids, attn, logits_to_keep=n + 1)   # the last query position predicts response token 0
-    start = batch["query"].shape[1] - 1
-    values = values[:, start:-1] if values is not None else None
+    values = values[:, :-1] if values is not None else None   # kept positions: the last query one onwards
     return logprobs_from_logits(logits[:, :-1], batch["response"][idx]), values, logits[:, :-1]
 
 
@@ -137,8 +153,7 @@ def with_reference(policy: PolicyWithValue, batch: dict, rows: int = 4) -> tuple
             if i < n:
                 entropy.append(token_entropy(chunk[: n - i]))
     logp = torch.cat(logp)
-    start = batch["query"].shape[1] - 1
-    values = values[:n, start:-1] if values is not None else None
+    values = values[:n, :-1] if values is not None else None
     return logp[:n], values, torch.cat(entropy), logp[n:]
 
 
