@@ -341,7 +341,7 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     policy and reference (twice the batch; one layer's activations and the 16-bit logits of the
     response positions) and the update (one mini-batch's activations, all layers' or, under
     gradient checkpointing, each layer's input + one layer's, and its response logits; recorded
-    as a CUDA graph it measured ~0.3 GiB more at 20B, not counted here) + one dequantized layer weight of a 4-bit
+    as a CUDA graph it measured the same at 20B) + one dequantized layer weight of a 4-bit
     base (or of an 8-bit one under llm_int8; the weight-only 8-bit GEMM dequantizes in
     registers on CUDA)."""
     shape, notes = inputs.shape, inputs.notes
