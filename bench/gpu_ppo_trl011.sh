@@ -9,8 +9,8 @@
 # TRL011_SITE is a folder holding only the TRL 0.11 stack (the reference's docstring lists it;
 # `pip install --no-deps --target`); shomin runs on the installed packages. Each line of
 # $OUT/ppo_trl011.jsonl is one run; bench/ppo_table.py turns them into the README table and
-# the `ppo_trl011` entry of bench/results.json. shomin runs twice per base: as imdb-rlhf
-# ships it (no gradient checkpointing) and with `gradient_checkpointing: true`.
+# the `ppo_trl011` entry of bench/results.json. shomin runs twice per base: without gradient
+# checkpointing and with it (`gradient_checkpointing: true`, as imdb-rlhf ships it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${TRL011:?set TRL011 to ../shared/bench/trl011_ppo.py}" "${TRL011_SITE:?set TRL011_SITE}"

@@ -44,6 +44,7 @@ def entry(key: tuple[str, bool], runs: dict) -> dict | None:
             "trl011_overhead_gib": round(trl_over, 2), "ppo_overhead_gib": round(our_over, 2),
             "speed_ratio": round(trl["s_per_step"] / ours["s_per_step"], 2),
             "overhead_ratio": round(our_over / trl_over, 2) if trl_over > 0 else None,
+            "ppo_peak_reserved_gib": ours.get("peak_reserved_gib"), "cuda_graphs": ours.get("cuda_graphs"),
             "steps": ours["steps"], "gpu": ours["gpu"], "int8_matmul": ours.get("int8_matmul")}
 
 
@@ -51,7 +52,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| base | implementation | s/step | rollout s | update s | weights GiB | peak GiB | overhead GiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        shomin = "shomin, gradient checkpointing" if r["checkpointing"] else "shomin"
+        shomin = "shomin, gradient checkpointing" if r["checkpointing"] else "shomin, no checkpointing"
         for impl, name in (("trl011", "TRL 0.11.4 + PEFT (seed 003)"), ("ppo", shomin)):
             lines.append(f"| {r['quant']} | {name} | {r[f'{impl}_s_per_step']:.2f} | {r[f'{impl}_rollout_s']:.2f} | "
                          f"{r[f'{impl}_update_s']:.2f} | {r['weights_gib']:.2f} | {r[f'{impl}_peak_gib']:.2f} | "
