@@ -7,7 +7,9 @@ Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointin
   checkpointing: stages.ppo.gradient_checkpointing on;  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
   own 8-bit matmul, as the seed ran) instead of the default weight_only;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
-  BENCH_MEMORY_SNAPSHOT=FILE: record every allocation and dump the trace to FILE (bench/memory_at_peak.py reads it)
+  BENCH_MEMORY_SNAPSHOT=FILE: record every allocation and dump the trace to FILE (bench/memory_at_peak.py reads it);
+    with `checkpointing` the recorder broke the run on torch 2.11 (SystemError in Function.apply in the
+    recompute), the same run without it completes
 Also prints, for the first two steps, the running peak after each phase (rollout, reference
 pass, update): which phase sets the stage's peak.
 Prints one JSON line. Needs: torch, transformers, peft, accelerate, bitsandbytes (carry wheels).
