@@ -101,6 +101,37 @@ def test_one_pass_gives_the_policy_and_the_adapter_disabled_reference(tiny_model
     torch.testing.assert_close(masked_mean(entropy, mask), entropy_from_logits(logits, mask), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("sampling", [dict(top_k=0, top_p=1.0, temperature=1.0),
+                                      dict(top_k=5, top_p=0.9, temperature=0.7)])
+def test_the_static_cache_loop_samples_what_generate_samples(tiny_model, tmp_path, sampling):
+    """The loop a CUDA graph replays (levers/static_decode.py), run op by op: for the same random
+    numbers it draws generate()'s tokens, through left padding, the adapter, and rows that end at EOS."""
+    from shomin.tasks.models.levers import static_decode
+    model = sharpened(tiny_model, tmp_path / "sharp")   # peaked: the tokens depend on the logits
+    policy, _ = trained_policy(model, settings())
+    lm, tok = policy.lm, ppo.load_tokenizer(model)
+    tok.padding_side = "left"
+    enc = tok(QUERIES, return_tensors="pt", padding=True)
+    prompt = enc.input_ids.shape[1]
+
+    def both(eos: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(7)
+        expected = lm.generate(**enc, do_sample=True, max_new_tokens=8, min_new_tokens=0, eos_token_id=eos,
+                               pad_token_id=tok.pad_token_id, **sampling)[:, prompt:]
+        torch.manual_seed(7)
+        got = static_decode.sample(lm, enc.input_ids, enc.attention_mask, 8, pad_token_id=tok.pad_token_id,
+                                   eos_ids=torch.tensor(eos), graphed=False, **sampling)
+        return got, expected
+
+    got, expected = both([tok.eos_token_id])
+    assert torch.equal(got, expected)
+    # A token the first row drew midway becomes the EOS: that row must end there and be padded after.
+    stop = int(expected[0, 2])
+    got, expected = both([stop])
+    assert torch.equal(got, expected)
+    assert (got[0, 3:] == tok.pad_token_id).all() and got.shape[1] > 3
+
+
 def test_the_value_head_reads_the_last_normed_layer_without_keeping_every_layers_output(tiny_model):
     """Values come from the LM head's input at the kept positions: the same numbers as the last of
     all hidden states, without asking the model to keep every layer's output."""

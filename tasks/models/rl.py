@@ -21,6 +21,7 @@ from shomin.tasks.ground.settings import ModelSpec
 from shomin.tasks.models import chat
 from shomin.tasks.models.loading import free, load_causal_lm, load_tokenizer, resolve_device
 from shomin.tasks.models import stats
+from shomin.tasks.models.levers import static_decode
 from shomin.tasks.models.ppo_math import logprobs_from_logits, token_entropy
 from shomin.tasks.models.reward import build_reward
 from torch import nn
@@ -100,13 +101,20 @@ def response_mask(response: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def rollout(policy: PolicyWithValue, tok, queries: list[str], settings: PolicyRecord, length: int,
-            eos_ids: torch.Tensor) -> dict:
-    """Sample a response of at most `length` new tokens per query; stops early at EOS (no min length)."""
+            eos_ids: torch.Tensor, graphed: bool = False) -> dict:
+    """Sample a response of at most `length` new tokens per query; stops early at EOS (no min length).
+    graphed: on CUDA, decode with a fixed-size cache and replay each step as a CUDA graph
+    (levers/static_decode.py); the same samples as generate() otherwise."""
     enc = tok(queries, return_tensors="pt", padding=True).to(eos_ids.device)  # padding_side is left
-    out = policy.lm.generate(**enc, do_sample=True, top_k=settings.top_k, top_p=settings.top_p,
-                             temperature=settings.temperature, max_new_tokens=length, min_new_tokens=0,
-                             pad_token_id=tok.pad_token_id)
-    response = out[:, enc.input_ids.shape[1]:]
+    if graphed:
+        response = static_decode.sample(policy.lm, enc.input_ids, enc.attention_mask, length, top_k=settings.top_k,
+                                        top_p=settings.top_p, temperature=settings.temperature,
+                                        pad_token_id=tok.pad_token_id, eos_ids=eos_ids, graphed=True)
+    else:
+        out = policy.lm.generate(**enc, do_sample=True, top_k=settings.top_k, top_p=settings.top_p,
+                                 temperature=settings.temperature, max_new_tokens=length, min_new_tokens=0,
+                                 pad_token_id=tok.pad_token_id)
+        response = out[:, enc.input_ids.shape[1]:]
     return {"query": enc.input_ids, "query_mask": enc.attention_mask,
             "response": response, "response_mask": response_mask(response, eos_ids)}
 

@@ -81,11 +81,12 @@ class PpoSettings(Strict):
     gradient_checkpointing: bool = Field(False, description="Keep only each layer's input during the update and "
                                          "recompute the rest in the backward pass: less memory (most of a 20B "
                                          "model's activations), one more forward per mini-batch.")
-    cuda_graphs: bool = Field(True, description="On one CUDA device: record the update's forward + backward as a "
-                              "CUDA graph once per PPO step and replay it for every mini-batch (they share the "
-                              "rollout's shape). A mini-batch of a few hundred tokens is bound by the host "
-                              "issuing ops one by one; a replay issues them all at once. The graph and its "
-                              "memory are let go before the next rollout. Off: every mini-batch op by op.")
+    cuda_graphs: bool = Field(True, description="On one CUDA device, replay CUDA graphs where the host issuing ops "
+                              "one by one is slower than the GPU: the rollout's decode step (recorded once per "
+                              "rollout, on a fixed-size KV cache) and the update's forward + backward (recorded "
+                              "once per PPO step, replayed for every mini-batch: they share the rollout's shape). "
+                              "Each graph and its memory are let go when its phase ends. Off: op by op, the "
+                              "rollout through generate().")
     early_stop_kl: float | None = Field(None, gt=0, description="Stop a step's PPO epochs when approx KL exceeds this.")
     whiten_rewards: bool = Field(False)
     save_steps: int = Field(10, gt=0, description="Checkpoint every N PPO steps.")
@@ -257,6 +258,7 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
     reward_fn = build_reward(settings.reward, device, trained=trained.model_path if trained else None)
     queries = build_queries(inputs["dataset"].train_path, tok, settings, seed)
     eos_ids = eos_token_ids(tok, policy.lm, policy.v_head.weight.device)
+    graphed = settings.cuda_graphs and eos_ids.is_cuda and accelerator.num_processes == 1
 
     bar = tqdm(range(start + 1, settings.steps + 1), initial=start, total=settings.steps, desc="ppo",
                disable=not accelerator.is_local_main_process or os.environ.get("TQDM_DISABLE") == "1")
@@ -267,7 +269,7 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
         rng = random.Random(f"{seed}-{rank}-{step}")  # batch and length depend on the step only: resumable
         batch_queries = [queries[i] for i in rng.sample(range(len(queries)), min(settings.batch_size, len(queries)))]
         length = rng.randint(settings.response_min_tokens, settings.response_max_tokens)
-        batch = rollout(policy, tok, batch_queries, settings, length, eos_ids)
+        batch = rollout(policy, tok, batch_queries, settings, length, eos_ids, graphed=graphed)
         t_rollout = time.time()
         scores = score(reward_fn, tok, batch)
         kl, entropy = advantages(policy, batch, scores, settings, kl_ctl.value)

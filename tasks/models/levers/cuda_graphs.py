@@ -64,7 +64,7 @@ class ReplayedStep:
             with torch.cuda.graph(graph):
                 self.outputs = self.step()
         except RuntimeError as e:   # an op that cannot be captured: go on eagerly, and say so once
-            warnings.warn(f"CUDA graph capture failed, the update runs op by op: {str(e).splitlines()[0][:200]}")
+            warnings.warn(f"CUDA graph capture failed, going on op by op: {str(e).splitlines()[0][:200]}")
             self.eager, self.outputs = True, None
             for p in self.params:
                 p.grad = None
