@@ -119,11 +119,13 @@ def converse(speaker: Speaker, args, out=sys.stdout) -> int:
 
 
 def cmd_chat(args) -> int:
-    from shomin.tasks.models.chat import sigint_blocked
-    from shomin.tasks.models.loading import resolve_device
+    from shomin.tasks.models.chat import sigint_blocked   # imports no torch
     run = resolve_target(args.target, args.file)
     try:
-        with sigint_blocked():   # the threads torch starts while loading never take Ctrl-C from the prompt
+        # The threads torch starts never take Ctrl-C from the prompt: those of loading, and the
+        # one `import torch` itself starts, so torch is first imported in here.
+        with sigint_blocked():
+            from shomin.tasks.models.loading import resolve_device
             speaker = Speaker(run_model(run), resolve_device(args.device), args.compare)
         return converse(speaker, args)
     except KeyboardInterrupt:
