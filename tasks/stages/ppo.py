@@ -81,10 +81,11 @@ class PpoSettings(Strict):
     gradient_checkpointing: bool = Field(False, description="Keep only each layer's input during the update and "
                                          "recompute the rest in the backward pass: less memory (most of a 20B "
                                          "model's activations), one more forward per mini-batch.")
-    cuda_graphs: bool = Field(True, description="On one CUDA device, replay CUDA graphs where the host issuing ops "
-                              "one by one is slower than the GPU: the rollout's decode step (recorded once per "
-                              "rollout, on a fixed-size KV cache) and the update's forward + backward (recorded "
-                              "once per PPO step, replayed for every mini-batch: they share the rollout's shape). "
+    cuda_graphs: bool = Field(True, description="On CUDA, replay CUDA graphs where the host issuing ops one by one "
+                              "is slower than the GPU: the rollout's decode step (recorded once per rollout, on a "
+                              "fixed-size KV cache) and, in a single process, the update's forward + backward "
+                              "(recorded once per PPO step, replayed for every mini-batch: they share the rollout's "
+                              "shape; data-parallel processes run it op by op). "
                               "Each graph and its memory are let go when its phase ends. Off: op by op, the "
                               "rollout through generate().")
     early_stop_kl: float | None = Field(None, gt=0, description="Stop a step's PPO epochs when approx KL exceeds this.")
@@ -258,7 +259,7 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
     reward_fn = build_reward(settings.reward, device, trained=trained.model_path if trained else None)
     queries = build_queries(inputs["dataset"].train_path, tok, settings, seed)
     eos_ids = eos_token_ids(tok, policy.lm, policy.v_head.weight.device)
-    graphed = settings.cuda_graphs and eos_ids.is_cuda and accelerator.num_processes == 1
+    graphed = settings.cuda_graphs and eos_ids.is_cuda   # the rollout samples from the unwrapped model: no DDP in it
 
     bar = tqdm(range(start + 1, settings.steps + 1), initial=start, total=settings.steps, desc="ppo",
                disable=not accelerator.is_local_main_process or os.environ.get("TQDM_DISABLE") == "1")
