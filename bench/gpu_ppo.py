@@ -7,6 +7,7 @@ Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointin
   checkpointing: stages.ppo.gradient_checkpointing on;  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
   own 8-bit matmul, as the seed ran) instead of the default weight_only;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
+  under `accelerate launch`: data parallel, QUERIES per process (bench/gpu_ppo_multi.sh)
   BENCH_MEMORY_SNAPSHOT=FILE: record every allocation and dump the trace to FILE (bench/memory_at_peak.py reads it);
     with `checkpointing` the recorder broke the run on torch 2.11 (SystemError in Function.apply in the
     recompute), the same run without it completes
@@ -113,6 +114,9 @@ def watch_phases() -> list:
 
 
 def main():
+    rank = int(os.environ.get("LOCAL_RANK", 0))   # under `accelerate launch` (bench/gpu_ppo_multi.sh): one GPU each
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
     path = checkpoint()
     vocab = SHAPES[ARCH][1]["vocab_size"]
     work = Path(tempfile.mkdtemp(prefix="shomin-ppo-"))
@@ -141,11 +145,14 @@ def main():
     if snapshot:
         torch.cuda.memory._dump_snapshot(snapshot)
         torch.cuda.memory._record_memory_history(enabled=None)
+    if rank:   # the main process writes the log and prints the line
+        return
     log = json.loads((work / "ppo" / "ppo_log.json").read_text())
     timed = log[1:] or log  # the first step carries CUDA/cuBLAS warm-up
     mean = lambda k: sum(e[k] for e in timed) / len(timed)  # noqa: E731
     print(json.dumps({
-        "arch": ARCH, "quant": QUANT, "queries": QUERIES, "new_tokens": NEW_TOKENS, "steps": len(log),
+        "arch": ARCH, "quant": QUANT, "queries": QUERIES, "gpus": int(os.environ.get("WORLD_SIZE", 1)),
+        "new_tokens": NEW_TOKENS, "steps": len(log),
         "s_per_step": round(mean("step_seconds"), 2), "rollout_s": round(mean("rollout_seconds"), 2),
         "update_s": round(mean("update_seconds"), 2),
         "checkpointing": CHECKPOINTING, "int8_matmul": INT8 if QUANT == "8bit" else None,
