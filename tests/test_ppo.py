@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,25 @@ def test_two_concurrent_ppo_runs_with_the_same_inputs_keep_their_checkpoints(tin
     for root in roots:                             # each saved steps 1, 2, 3 into its folder, none lost
         assert sorted(step for r, step in seen if r == root) == [1, 2, 3]
     assert not ckpt.exists() and not list(ckpt.parent.glob("same-key.concurrent-*"))
+
+
+def test_data_parallel_processes_stay_in_step(tiny_model, tmp_path):
+    """Two processes (torchrun, gloo) sample different queries; averaging their gradients after each
+    mini-batch keeps their policies identical, and training moves them."""
+    import subprocess
+    import sys
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"The movie number {i} was a story of {i} days"}) + "\n"
+                            for i in range(16)))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(TESTS / "ppo_data_parallel.py"), str(tiny_model),
+                        str(data), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
+    for a, b in zip(ranks[0]["after"], ranks[1]["after"]):
+        assert torch.equal(a, b)
+    for a, b in zip(ranks[0]["before"], ranks[1]["before"]):   # the LoRA starts from rank 0's on both
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["before"], ranks[0]["after"]))
+    assert len(ranks[0]["log"]) == 2

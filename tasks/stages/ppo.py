@@ -9,8 +9,9 @@ trained alongside. Each step is the classic loop of Ziegler et al. (2019):
     rollout -> score -> advantages (KL-shaped rewards, GAE) -> update (clipped PPO)
 
 The tensor maths lives in tasks/models/ppo_math.py; rollouts, log-probs and scoring,
-shared with evaluate, in tasks/models/rl.py. accelerate makes `accelerate launch`
-data-parallel with no code change; on one process it is plain torch.
+shared with evaluate, in tasks/models/rl.py. Under `accelerate launch` it is data-parallel:
+each process samples its own queries, and the processes average their gradients after each
+mini-batch (levers/cuda_graphs.mean_gradients); on one process it is plain torch.
 """
 # Just over ~300 lines: the stage reads top-down like the algorithm (settings, rollout ->
 # score -> advantages -> update, checkpoints, the loop, its plan); the maths is in ppo_math.py.
@@ -35,7 +36,7 @@ from shomin.tasks.ground.records import PolicyRecord, PpoResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
 from shomin.tasks.models import memory as mem
-from shomin.tasks.models.levers.cuda_graphs import ReplayedStep
+from shomin.tasks.models.levers.cuda_graphs import ReplayedStep, mean_gradients
 from shomin.tasks.models.loading import checkpointed_in_eval, load_causal_lm, load_tokenizer, lora_config
 from shomin.tasks.models.ppo_math import (
     clipped_policy_loss,
@@ -83,9 +84,8 @@ class PpoSettings(Strict):
                                          "model's activations), one more forward per mini-batch.")
     cuda_graphs: bool = Field(True, description="On CUDA, replay CUDA graphs where the host issuing ops one by one "
                               "is slower than the GPU: the rollout's decode step (recorded once per rollout, on a "
-                              "fixed-size KV cache) and, in a single process, the update's forward + backward "
-                              "(recorded once per PPO step, replayed for every mini-batch: they share the rollout's "
-                              "shape; data-parallel processes run it op by op). "
+                              "fixed-size KV cache) and the update's forward + backward (recorded once per PPO "
+                              "step, replayed for every mini-batch: they share the rollout's shape). "
                               "Each graph and its memory are let go when its phase ends. Off: op by op, the "
                               "rollout through generate().")
     early_stop_kl: float | None = Field(None, gt=0, description="Stop a step's PPO epochs when approx KL exceeds this.")
@@ -148,12 +148,17 @@ def update(model, optimizer, accelerator, params, batch: dict, settings: PpoSett
 def _epochs(model, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
     stats, n = defaultdict(list), batch["query"].shape[0]
     rows = torch.zeros(settings.mini_batch_size, dtype=torch.long, device=batch["query"].device)
+    # The unwrapped policy, also under data parallelism: DDP's gradient hooks cannot live in a
+    # CUDA graph, so the processes average their gradients after each backward (mean_gradients,
+    # the same mean DDP takes). DDP's wrapper still did one thing: make every process start from
+    # rank 0's LoRA when it was built.
+    policy = accelerator.unwrap_model(model)
 
     def minibatch() -> tuple:
         """Forward + backward of the mini-batch whose row indices are in `rows` (a fixed tensor,
         so a CUDA graph of this function serves every mini-batch of the step)."""
         mask = batch["response_mask"][rows].float()
-        logprobs, values, _ = forward(model, batch, rows)
+        logprobs, values, _ = forward(policy, batch, rows)
         pg_loss, clip_frac, approx_kl = clipped_policy_loss(
             logprobs, batch["logprobs"][rows], batch["advantages"][rows], mask, settings.clip_range)
         vf_loss, _ = clipped_value_loss(values, batch["values"][rows], batch["returns"][rows], mask,
@@ -162,13 +167,15 @@ def _epochs(model, optimizer, accelerator, params, batch: dict, settings: PpoSet
         accelerator.backward(loss)
         return tuple(t.detach() for t in (loss, pg_loss, vf_loss, clip_frac, approx_kl))
 
-    graphed = settings.cuda_graphs and rows.is_cuda and accelerator.num_processes == 1
+    graphed = settings.cuda_graphs and rows.is_cuda
     run = ReplayedStep(minibatch, params) if graphed else minibatch
     try:
         for _ in range(settings.ppo_epochs):
             for idx in torch.randperm(n).split(settings.mini_batch_size):
                 rows.copy_(idx)
                 loss, pg_loss, vf_loss, clip_frac, approx_kl = run()
+                if accelerator.num_processes > 1:
+                    mean_gradients(params)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"ppo: loss became {loss.item()} at step {step}; "
                                            "lower learning_rate or check the reward")
