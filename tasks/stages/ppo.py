@@ -11,7 +11,7 @@ trained alongside. Each step is the classic loop of Ziegler et al. (2019):
 The tensor maths lives in tasks/models/ppo_math.py; rollouts, log-probs and scoring,
 shared with evaluate, in tasks/models/rl.py. Under `accelerate launch` it is data-parallel:
 each process samples its own queries, and the processes average their gradients after each
-mini-batch (levers/cuda_graphs.mean_gradients); on one process it is plain torch.
+mini-batch (levers/data_parallel.py); on one process it is plain torch.
 """
 # Just over ~300 lines: the stage reads top-down like the algorithm (settings, rollout ->
 # score -> advantages -> update, checkpoints, the loop, its plan); the maths is in ppo_math.py.
@@ -36,7 +36,8 @@ from shomin.tasks.ground.records import PolicyRecord, PpoResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
 from shomin.tasks.models import memory as mem
-from shomin.tasks.models.levers.cuda_graphs import ReplayedStep, mean_gradients
+from shomin.tasks.models.levers.cuda_graphs import ReplayedStep
+from shomin.tasks.models.levers.data_parallel import broadcast_from_first, mean_gradients
 from shomin.tasks.models.loading import checkpointed_in_eval, load_causal_lm, load_tokenizer, lora_config
 from shomin.tasks.models.ppo_math import (
     clipped_policy_loss,
@@ -139,20 +140,15 @@ def advantages(policy: PolicyWithValue, batch: dict, scores: torch.Tensor, setti
     return kl.sum(1), masked_mean(entropy, mask)
 
 
-def update(model, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
+def update(policy: PolicyWithValue, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
     """settings.ppo_epochs passes over shuffled mini-batches of the rollout; clipped policy + value loss."""
-    with checkpointed_in_eval(accelerator.unwrap_model(model).lm, settings.gradient_checkpointing):
-        return _epochs(model, optimizer, accelerator, params, batch, settings, step)
+    with checkpointed_in_eval(policy.lm, settings.gradient_checkpointing):
+        return _epochs(policy, optimizer, accelerator, params, batch, settings, step)
 
 
-def _epochs(model, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
+def _epochs(policy, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
     stats, n = defaultdict(list), batch["query"].shape[0]
     rows = torch.zeros(settings.mini_batch_size, dtype=torch.long, device=batch["query"].device)
-    # The unwrapped policy, also under data parallelism: DDP's gradient hooks cannot live in a
-    # CUDA graph, so the processes average their gradients after each backward (mean_gradients,
-    # the same mean DDP takes). DDP's wrapper still did one thing: make every process start from
-    # rank 0's LoRA when it was built.
-    policy = accelerator.unwrap_model(model)
 
     def minibatch() -> tuple:
         """Forward + backward of the mini-batch whose row indices are in `rows` (a fixed tensor,
@@ -261,12 +257,16 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
     kl_ctl = kl_controller(settings.init_kl_coef, settings.target_kl, settings.kl_horizon)
     resumed = (checkpoints(ckpt_root) or [None])[-1]
     start, log = load_checkpoint(resumed, policy, optimizer, kl_ctl) if resumed else (0, [])
-    model, optimizer = accelerator.prepare(policy, optimizer)
+    # Data parallel without DDP's wrapper, which a CUDA graph of the update cannot hold
+    # (levers/data_parallel.py): the same start everywhere, gradients averaged per mini-batch.
+    optimizer = accelerator.prepare(optimizer)
+    if accelerator.num_processes > 1:
+        broadcast_from_first(params)
     trained = inputs.get("reward_model")
     reward_fn = build_reward(settings.reward, device, trained=trained.model_path if trained else None)
     queries = build_queries(inputs["dataset"].train_path, tok, settings, seed)
     eos_ids = eos_token_ids(tok, policy.lm, policy.v_head.weight.device)
-    graphed = settings.cuda_graphs and eos_ids.is_cuda   # the rollout samples from the unwrapped model: no DDP in it
+    graphed = settings.cuda_graphs and eos_ids.is_cuda
 
     bar = tqdm(range(start + 1, settings.steps + 1), initial=start, total=settings.steps, desc="ppo",
                disable=not accelerator.is_local_main_process or os.environ.get("TQDM_DISABLE") == "1")
@@ -282,7 +282,7 @@ def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
         scores = score(reward_fn, tok, batch)
         kl, entropy = advantages(policy, batch, scores, settings, kl_ctl.value)
         t_update = time.time()
-        stats = update(model, optimizer, accelerator, params, batch, settings, step)
+        stats = update(policy, optimizer, accelerator, params, batch, settings, step)
         all_scores, all_kl = accelerator.gather(scores), accelerator.gather(kl)
         entry = {"step": step, "reward_mean": all_scores.mean().item(),
                  "reward_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,

@@ -80,22 +80,6 @@ class ReplayedStep:
         _clear_cublas_workspaces()
 
 
-def mean_gradients(params: list[torch.Tensor]) -> None:
-    """Each gradient replaced by its mean over the data-parallel processes, one all-reduce per
-    dtype: what DDP's hooks do during a backward, done after it, since a recorded graph cannot
-    hold them (for a LoRA's few megabytes, overlapping it with the backward gains nothing)."""
-    import torch.distributed as dist
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
-
-
 def _clear_cublas_workspaces() -> None:
     """Drop cuBLAS's per-stream workspaces (the next GEMM on a stream makes its own again)."""
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
