@@ -25,7 +25,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 import checkout  # noqa: E402,F401
-from shapes import SHAPES  # noqa: E402
+from shapes import few_layers_checkpoint  # noqa: E402
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec  # noqa: E402
 from shomin.tasks.models.levers import static_decode  # noqa: E402
 from shomin.tasks.models.loading import load_causal_lm, lora_config  # noqa: E402
@@ -34,19 +34,6 @@ QUANT = sys.argv[1]
 LAYERS = int(sys.argv[2]) if len(sys.argv) > 2 else 6
 PATH = Path(os.environ.get("BENCH_DIR", "/tmp/bench")) / f"neox20b_width_{LAYERS}"
 BATCH, NEW, PAD, EOS = 16, 16, 0, 2
-
-
-def checkpoint() -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
-    if not (PATH / "config.json").exists():
-        kind, kw = SHAPES["neox20b"]
-        config = AutoConfig.for_model(kind, **{**kw, "num_hidden_layers": LAYERS})
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-        model.save_pretrained(PATH, max_shard_size="4GB")
-        del model
-        torch.cuda.empty_cache()
-    return PATH
 
 
 class Recorder:
@@ -93,7 +80,7 @@ def logit_err(lm, ids, attn, response, steps) -> float:
 
 def main():
     from peft import get_peft_model
-    path = checkpoint()
+    path = few_layers_checkpoint("neox20b", LAYERS, PATH)
     lm = load_causal_lm(path, ModelSpec(source=str(path), dtype="float16"), "cuda", quantization=QUANT)
     lm = get_peft_model(lm, lora_config(LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["query_key_value"])))
     lm.eval()

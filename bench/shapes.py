@@ -20,3 +20,22 @@ SHAPES = {
                                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                max_position_embeddings=131072, rope_theta=1000000.0, tie_word_embeddings=False)),
 }
+
+
+def few_layers_checkpoint(arch: str, layers: int, path):
+    """Random fp16 weights of ARCH's width with only `layers` layers, written to `path` once (on
+    the GPU): the per-layer benches compare two depths of it."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path = Path(path)
+    if not (path / "config.json").exists():
+        kind, kw = SHAPES[arch]
+        config = AutoConfig.for_model(kind, **{**kw, "num_hidden_layers": layers})
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        model.save_pretrained(path, max_shard_size="4GB")
+        del model
+        torch.cuda.empty_cache()
+    return path
