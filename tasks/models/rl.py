@@ -103,8 +103,8 @@ def response_mask(response: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor
 def rollout(policy: PolicyWithValue, tok, queries: list[str], settings: PolicyRecord, length: int,
             eos_ids: torch.Tensor, graphed: bool = False) -> dict:
     """Sample a response of at most `length` new tokens per query; stops early at EOS (no min length).
-    graphed: on CUDA, decode with a fixed-size cache and replay each step as a CUDA graph
-    (levers/static_decode.py); the same samples as generate() otherwise."""
+    graphed: decode on a fixed-size KV cache, each step replayed as a CUDA graph on CUDA
+    (levers/static_decode.py), instead of generate(): the same sampling, the host out of the way."""
     enc = tok(queries, return_tensors="pt", padding=True).to(eos_ids.device)  # padding_side is left
     if graphed:
         response = static_decode.sample(policy.lm, enc.input_ids, enc.attention_mask, length, top_k=settings.top_k,
