@@ -102,7 +102,11 @@ def _threads_taking_sigint(pid: int) -> list[int]:
     """The process's threads whose signal mask lets SIGINT in (Linux /proc)."""
     taking = []
     for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
-        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/task/{tid}/status").read().splitlines())
+        try:
+            text = open(f"/proc/{pid}/task/{tid}/status").read()
+        except FileNotFoundError:   # a thread that ended meanwhile takes nothing
+            continue
+        status = dict(line.split(":", 1) for line in text.splitlines())
         if not int(status["SigBlk"], 16) & (1 << (signal.SIGINT - 1)):
             taking.append(tid)
     return taking
