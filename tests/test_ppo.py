@@ -336,7 +336,7 @@ def test_data_parallel_processes_stay_in_step(tiny_model, tmp_path):
     data.write_text("".join(json.dumps({"text": f"The movie number {i} was a story of {i} days"}) + "\n"
                             for i in range(16)))
     torchrun = Path(sys.executable).parent / "torchrun"
-    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(TESTS / "ppo_data_parallel.py"), str(tiny_model),
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(TESTS / "ppo_data_parallel.py"), str(tiny_model),
                         str(data), str(tmp_path)], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
