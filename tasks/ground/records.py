@@ -61,6 +61,7 @@ class PolicyRecord(BaseModel):
     top_k: int
     top_p: float
     temperature: float
+    cuda_graphs: bool = True   # on CUDA, rollouts decode through replayed graphs (stages.ppo.cuda_graphs)
 
 
 class PpoResult(StageResult):

@@ -250,7 +250,8 @@ def _paired_batch(policy, tok, chunk, settings, length, eos_ids, seed: int):
     for side in ("sft", "ppo"):
         torch.manual_seed(seed)
         with lm.disable_adapter() if side == "sft" else nullcontext():
-            batch = rollout(policy, tok, chunk, settings, length, eos_ids, graphed=eos_ids.is_cuda)
+            batch = rollout(policy, tok, chunk, settings, length, eos_ids,
+                            graphed=settings.cuda_graphs and eos_ids.is_cuda)
         judged[side] = judged_texts(tok, batch)
         answers[side] = [tok.decode(r[m.bool()], skip_special_tokens=True)
                          for r, m in zip(batch["response"], batch["response_mask"])]
