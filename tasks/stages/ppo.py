@@ -8,49 +8,35 @@ trained alongside. Each step is the classic loop of Ziegler et al. (2019):
 
     rollout -> score -> advantages (KL-shaped rewards, GAE) -> update (clipped PPO)
 
-The tensor maths lives in tasks/models/ppo_math.py; rollouts, log-probs and scoring,
-shared with evaluate, in tasks/models/rl.py. Under `accelerate launch` it is data-parallel:
+The tensor maths lives in tasks/models/ppo_math.py, a step's advantages and update in
+tasks/models/ppo_step.py, its checkpoints in tasks/models/ppo_checkpoint.py; rollouts,
+log-probs and scoring, shared with evaluate, in tasks/models/rl.py. Under `accelerate launch` it is data-parallel:
 each process samples its own queries, and the processes average their gradients after each
 mini-batch (levers/data_parallel.py); on one process it is plain torch.
 """
-# Just over ~300 lines: the stage reads top-down like the algorithm (settings, rollout ->
-# score -> advantages -> update, checkpoints, the loop, its plan); the maths is in ppo_math.py.
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
-from shomin.tasks.ground import checkpoints as store
 from shomin.tasks.ground.contract import GIB, Inputs, Stage, StageContext
-from shomin.tasks.ground.errors import TrainingDiverged
 from shomin.tasks.ground.progress import progress
 from shomin.tasks.ground.records import PolicyRecord, PpoResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
 from shomin.tasks.models import memory as mem
-from shomin.tasks.models.levers.cuda_graphs import ReplayedStep
-from shomin.tasks.models.levers.data_parallel import broadcast_from_first, mean_gradients
-from shomin.tasks.models.loading import checkpointed_in_eval, load_causal_lm, load_tokenizer, lora_config
-from shomin.tasks.models.ppo_math import (
-    clipped_policy_loss,
-    clipped_value_loss,
-    gae,
-    kl_controller,
-    masked_mean,
-    shaped_rewards,
-    whiten,
-)
+from shomin.tasks.models.levers.data_parallel import broadcast_from_first
+from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, lora_config
+from shomin.tasks.models.ppo_checkpoint import checkpoints, load_checkpoint, save_checkpoint, save_policy
+from shomin.tasks.models.ppo_math import kl_controller
+from shomin.tasks.models.ppo_step import advantages, update
 from shomin.tasks.models.reward import build_reward, check_reward, check_trained_reward
-from shomin.tasks.models.rl import (PolicyWithValue, build_queries, eos_token_ids, forward, rollout, score,
-                                   with_reference)
+from shomin.tasks.models.rl import PolicyWithValue, build_queries, eos_token_ids, rollout, score
 
 
 class PpoSettings(Strict):
@@ -121,118 +107,6 @@ def build_policy(settings: PpoSettings, spec: ModelSpec, merged_path: str, devic
     lm = get_peft_model(lm, lora_config(settings.lora))  # LoRA B starts at 0: step-0 policy == reference
     # Dropout stays off (eval mode) throughout: PPO's ratio and the KL need rollout and update to be the same function.
     return PolicyWithValue(lm, settings.temperature).eval()
-
-
-@torch.no_grad()
-def advantages(policy: PolicyWithValue, batch: dict, scores: torch.Tensor, settings: PpoSettings,
-               kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Old log-probs and values, reference log-probs, KL-shaped rewards, GAE. Returns (per-sequence KL, entropy)."""
-    mask = batch["response_mask"].float()
-    # old and reference log-probs in one pass: the frozen merged model is the same weights, LoRA off
-    logprobs, values, entropy, ref_logprobs = with_reference(policy, batch)
-    rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
-    if settings.whiten_rewards:
-        rewards = whiten(rewards, mask, shift_mean=False)
-    adv, returns = gae(rewards, values, mask, settings.gamma, settings.lam)
-    if mask.sum() > 1:  # whitening needs two values; it keeps the step size independent of reward scale
-        adv = whiten(adv, mask)
-    batch.update(logprobs=logprobs, values=values, advantages=adv, returns=returns)
-    return kl.sum(1), masked_mean(entropy, mask)
-
-
-def update(policy: PolicyWithValue, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
-    """settings.ppo_epochs passes over shuffled mini-batches of the rollout; clipped policy + value loss."""
-    with checkpointed_in_eval(policy.lm, settings.gradient_checkpointing):
-        return _epochs(policy, optimizer, accelerator, params, batch, settings, step)
-
-
-def _epochs(policy, optimizer, accelerator, params, batch: dict, settings: PpoSettings, step: int) -> dict:
-    stats, n = defaultdict(list), batch["query"].shape[0]
-    rows = torch.zeros(settings.mini_batch_size, dtype=torch.long, device=batch["query"].device)
-
-    def minibatch() -> tuple:
-        """Forward + backward of the mini-batch whose row indices are in `rows` (a fixed tensor,
-        so a CUDA graph of this function serves every mini-batch of the step)."""
-        mask = batch["response_mask"][rows].float()
-        logprobs, values, _ = forward(policy, batch, rows)
-        pg_loss, clip_frac, approx_kl = clipped_policy_loss(
-            logprobs, batch["logprobs"][rows], batch["advantages"][rows], mask, settings.clip_range)
-        vf_loss, _ = clipped_value_loss(values, batch["values"][rows], batch["returns"][rows], mask,
-                                        settings.clip_range_value)
-        loss = pg_loss + settings.vf_coef * vf_loss
-        accelerator.backward(loss)
-        return tuple(t.detach() for t in (loss, pg_loss, vf_loss, clip_frac, approx_kl))
-
-    graphed = settings.cuda_graphs and rows.is_cuda
-    run = ReplayedStep(minibatch, params) if graphed else minibatch
-    try:
-        for _ in range(settings.ppo_epochs):
-            for idx in torch.randperm(n).split(settings.mini_batch_size):
-                rows.copy_(idx)
-                loss, pg_loss, vf_loss, clip_frac, approx_kl = run()
-                if accelerator.num_processes > 1:
-                    mean_gradients(params)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"ppo: loss became {loss.item()} at step {step}; "
-                                           "lower learning_rate or check the reward")
-                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=not graphed)   # a graph rewrites its own gradient buffers
-                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_frac)):
-                    stats[k].append(v.item())
-                approx_kl = accelerator.reduce(approx_kl, "mean").item()  # all ranks stop together
-                stats["approx_kl"].append(approx_kl)
-                if settings.early_stop_kl is not None and approx_kl > settings.early_stop_kl:
-                    return means(stats)  # the policy left the trust region: stop this step's epochs
-    finally:
-        if graphed:
-            run.close()
-    return means(stats)
-
-
-def means(stats: dict) -> dict:
-    return {k: sum(v) / len(v) for k, v in stats.items()}
-
-
-# ---------------------------------------------------------------- checkpoints (tasks/ground/checkpoints.py)
-
-
-def _complete(path: Path) -> bool:
-    return (path / "trainer.json").exists()   # written last
-
-
-def save_checkpoint(root: Path, step: int, policy: PolicyWithValue, optimizer, kl_coef: float, log: list) -> None:
-    """Everything a resumed run needs, saved atomically; the store keeps the last two."""
-    def write(tmp: Path) -> None:
-        save_policy(policy, tmp)
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / "state.pt")
-        write_json(tmp / "trainer.json", {"step": step, "kl_coef": kl_coef, "log": log})
-    store.save(root, "step", step, write, _complete)
-
-
-def save_policy(policy: PolicyWithValue, folder: Path) -> None:
-    policy.lm.save_pretrained(folder / "adapter", safe_serialization=True)
-    save_file(policy.v_head.state_dict(), folder / "value_head.safetensors")
-
-
-def checkpoints(root: Path) -> list[Path]:
-    return [path for _, path in store.complete(root, "step", _complete)]
-
-
-def load_checkpoint(path: Path, policy: PolicyWithValue, optimizer, kl_ctl) -> tuple[int, list]:
-    from peft import set_peft_model_state_dict
-    set_peft_model_state_dict(policy.lm, load_file(path / "adapter" / "adapter_model.safetensors"))
-    policy.v_head.load_state_dict(load_file(path / "value_head.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    meta = json.loads((path / "trainer.json").read_text())
-    kl_ctl.value = meta["kl_coef"]
-    return meta["step"], meta["log"]
 
 
 def run(ctx: StageContext, inputs: Inputs) -> PpoResult:
