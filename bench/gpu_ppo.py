@@ -8,6 +8,8 @@ Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointin
   own 8-bit matmul, as the seed ran) instead of the default weight_only;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
   under `accelerate launch`: data parallel, QUERIES per process (bench/gpu_ppo_multi.sh)
+  BENCH_POOLS=1: where the reserved memory sits (the default pool or a CUDA graph's private one; reserved and
+    allocated GiB of each) at three points of the first two steps (pools_by_phase): "pools" in the line
   BENCH_MEMORY_SNAPSHOT=FILE: record every allocation and dump the trace to FILE (bench/memory_at_peak.py reads it);
     with `checkpointing` the recorder broke the run on torch 2.11 (SystemError in Function.apply in the
     recompute), the same run without it completes
@@ -113,6 +115,48 @@ def watch_phases() -> list:
     return seen
 
 
+def pools_by_phase() -> list:
+    """[phase, {"pool P stream S": [reserved GiB, allocated GiB]}, reserved GiB, peak reserved GiB so far]
+    once the model is loaded, then in the first two steps: just before the rollout's decode graph is let
+    go, after the rollout, just before the update's graph is let go. Pool (0, 0) is the default one."""
+    from shomin.tasks.models.levers.cuda_graphs import ReplayedStep
+    from shomin.tasks.stages import ppo
+    seen = []
+
+    def look(phase):
+        if len(seen) >= 7:
+            return
+        torch.cuda.synchronize()
+        pools = {}
+        for seg in torch.cuda.memory_snapshot():
+            pool = f"pool {tuple(seg.get('segment_pool_id', (0, 0)))} stream {seg.get('stream', 0)}"
+            got = pools.setdefault(pool, [0.0, 0.0])
+            got[0] += seg["total_size"] / 2**30
+            got[1] += seg["allocated_size"] / 2**30
+        seen.append([phase, {k: [round(a, 3), round(b, 3)] for k, (a, b) in pools.items()},
+                     round(torch.cuda.memory_reserved() / 2**30, 3), round(torch.cuda.max_memory_reserved() / 2**30, 3)])
+    rollout, close = ppo.rollout, ReplayedStep.close
+
+    inside = []
+
+    def after_rollout(*a, **kw):
+        if not seen:
+            look("model loaded, before the first rollout")
+        inside.append(True)
+        try:
+            out = rollout(*a, **kw)
+        finally:
+            inside.clear()
+        look("after rollout")
+        return out
+
+    def before_close(self):
+        look("decode graph, before close" if inside else "update graph, before close")
+        return close(self)
+    ppo.rollout, ReplayedStep.close = after_rollout, before_close
+    return seen
+
+
 def main():
     rank = int(os.environ.get("LOCAL_RANK", 0))   # under `accelerate launch` (bench/gpu_ppo_multi.sh): one GPU each
     if DEVICE == "cuda":
@@ -136,6 +180,7 @@ def main():
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     phases = watch_phases() if DEVICE == "cuda" else []
+    pools = pools_by_phase() if DEVICE == "cuda" and os.environ.get("BENCH_POOLS") else None
     snapshot = os.environ.get("BENCH_MEMORY_SNAPSHOT")
     if snapshot:
         torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
@@ -157,7 +202,7 @@ def main():
         "update_s": round(mean("update_seconds"), 2),
         "checkpointing": CHECKPOINTING, "int8_matmul": INT8 if QUANT == "8bit" else None,
         "cuda_graphs": CUDA_GRAPHS, "layers": LAYERS,
-        "running_peak_gib": phases,
+        "running_peak_gib": phases, **({"pools": pools} if pools is not None else {}),
         "weights_gib": round(result.metrics.get("weights_gpu_gib", 0.0), 2),
         "overhead_gib": round(torch.cuda.max_memory_allocated() / 2**30 - result.metrics.get("weights_gpu_gib", 0.0), 2) if DEVICE == "cuda" else None,
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else None,

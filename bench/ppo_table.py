@@ -44,8 +44,17 @@ def entry(key: tuple[str, bool], runs: dict) -> dict | None:
             "trl011_overhead_gib": round(trl_over, 2), "ppo_overhead_gib": round(our_over, 2),
             "speed_ratio": round(trl["s_per_step"] / ours["s_per_step"], 2),
             "overhead_ratio": round(our_over / trl_over, 2) if trl_over > 0 else None,
-            "ppo_peak_reserved_gib": ours.get("peak_reserved_gib"), "cuda_graphs": ours.get("cuda_graphs"),
+            "trl011_peak_reserved_gib": trl.get("peak_reserved_gib"), "ppo_peak_reserved_gib": ours.get("peak_reserved_gib"),
+            "reserved_overhead_ratio": _ratio(ours.get("peak_reserved_gib"), trl.get("peak_reserved_gib"), weights),
+            "cuda_graphs": ours.get("cuda_graphs"),
             "steps": ours["steps"], "gpu": ours["gpu"], "int8_matmul": ours.get("int8_matmul")}
+
+
+def _ratio(ours: float | None, theirs: float | None, weights: float) -> float | None:
+    """(ours - weights) / (theirs - weights): the overhead ratio on peak reserved memory."""
+    if ours is None or theirs is None or theirs <= weights:
+        return None
+    return round((ours - weights) / (theirs - weights), 2)
 
 
 def table(rows: list[dict]) -> str:
@@ -73,9 +82,10 @@ def main() -> None:
     print(table(rows))
     path = Path(args.results)
     results = json.loads(path.read_text()) if path.exists() else {}
-    results["ppo_trl011"] = {"command": "TRL011=../shared/bench/trl011_ppo.py TRL011_SITE=... bash bench/gpu_rlhf20b_all.sh "
-                                        "(its first part: bench/gpu_ppo_trl011.sh)",
-                             "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    earlier = {k: v for k, v in results.get("ppo_trl011", {}).items() if k.startswith("before_")}
+    results["ppo_trl011"] = {"command": "TRL011=../shared/bench/trl011_ppo.py TRL011_SITE=... bash bench/gpu_ppo_trl011.sh "
+                                        "(also the first part of bench/gpu_rlhf20b_all.sh)",
+                             "date": time.strftime("%Y-%m-%d"), "rows": rows, **earlier}
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 

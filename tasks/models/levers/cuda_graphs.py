@@ -21,6 +21,13 @@ each. Left alone, every PPO step's update would leave two or four more of them b
 measured +0.19 GiB after three steps at 20B, growing each step). So the workspaces are let go
 before a capture and when the graph is: the ones the graph needs are then made inside its own
 memory pool and leave with it (what torch's own CUDA-graph trees do).
+
+The allocator's cached free blocks are handed back to the card at those two points and before
+the warm-up. Blocks cached for one stream serve no other: what the main stream had cached
+stayed reserved while the warm-up allocated on its side stream, the warm-up's stayed while the
+capture took a pool of its own, and a closed graph's pool only returned to the cache. With a
+4-bit base, whose every layer writes a 16-bit copy of its weight, that set the stage's peak
+reserved memory (README, "Benchmarks").
 """
 from __future__ import annotations
 
@@ -44,6 +51,7 @@ class ReplayedStep:
         if self.eager:
             return self.step()
         if self.calls == 1:   # the warm-up: a real step, on a side stream
+            _release_cached_memory()   # blocks cached for this stream are of no use to the side one
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -58,7 +66,7 @@ class ReplayedStep:
     def _record(self) -> bool:
         for p in self.params:   # the graph allocates its own gradient buffers
             p.grad = None
-        _clear_cublas_workspaces()
+        _release_cached_memory()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -77,12 +85,14 @@ class ReplayedStep:
         for p in self.params:
             p.grad = None
         self.graph = self.outputs = None
-        _clear_cublas_workspaces()
+        _release_cached_memory()
 
 
-def _clear_cublas_workspaces() -> None:
-    """Drop cuBLAS's per-stream workspaces (the next GEMM on a stream makes its own again)."""
+def _release_cached_memory() -> None:
+    """Drop cuBLAS's per-stream workspaces (the next GEMM on a stream makes its own again) and
+    give the allocator's cached free blocks back to the card."""
+    torch.cuda.synchronize()
     clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
     if clear is not None:
-        torch.cuda.synchronize()
         clear()
+    torch.cuda.empty_cache()
