@@ -60,6 +60,25 @@ def _tree(nib, code_ptr):
 
 
 @triton.jit
+def _decode(packed, s, code_ptr, a, VARIANT: tl.constexpr):
+    """The high and low codes of each byte times their absmax `s`, in a's dtype, as VARIANT says."""
+    if VARIANT == 1:
+        hi = ((packed >> 4).to(tl.float32) * s).to(a.dtype)
+        lo = ((packed & 0xF).to(tl.float32) * s).to(a.dtype)
+    elif VARIANT == 4:
+        table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[:, None], (16, packed.shape[1]))
+        hi = (tl.gather(table, (packed >> 4).to(tl.int32), 0) * s).to(a.dtype)
+        lo = (tl.gather(table, (packed & 0xF).to(tl.int32), 0) * s).to(a.dtype)
+    elif VARIANT == 5:
+        hi = (_tree(packed >> 4, code_ptr) * s).to(a.dtype)
+        lo = (_tree(packed & 0xF, code_ptr) * s).to(a.dtype)
+    else:
+        hi = (tl.load(code_ptr + (packed >> 4)) * s).to(a.dtype)
+        lo = (tl.load(code_ptr + (packed & 0xF)) * s).to(a.dtype)
+    return hi, lo
+
+
+@triton.jit
 def _w4_matmul(a_ptr, q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, c_ptr,
                M, N, K, W_COLS, BLOCK2,
                stride_am, stride_ak, stride_cs, stride_cm, stride_cn,
@@ -94,19 +113,7 @@ def _w4_matmul(a_ptr, q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offse
                              mask=k_ok[:, None] & (rj[None, :] < half_cols), other=0)
             s = _scales(absmax_ptr, code2_ptr, absmax2_ptr, offset,
                         (kk.to(tl.int64) * W_COLS + pid_n * BLOCK_N) // 64, k_ok, BLOCK2, NESTED)[:, None]
-            if VARIANT == 1:
-                hi = ((packed >> 4).to(tl.float32) * s).to(a.dtype)
-                lo = ((packed & 0xF).to(tl.float32) * s).to(a.dtype)
-            elif VARIANT == 4:
-                table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[:, None], (16, packed.shape[1]))
-                hi = (tl.gather(table, (packed >> 4).to(tl.int32), 0) * s).to(a.dtype)
-                lo = (tl.gather(table, (packed & 0xF).to(tl.int32), 0) * s).to(a.dtype)
-            elif VARIANT == 5:
-                hi = (_tree(packed >> 4, code_ptr) * s).to(a.dtype)
-                lo = (_tree(packed & 0xF, code_ptr) * s).to(a.dtype)
-            else:
-                hi = (tl.load(code_ptr + (packed >> 4)) * s).to(a.dtype)
-                lo = (tl.load(code_ptr + (packed & 0xF)) * s).to(a.dtype)
+            hi, lo = _decode(packed, s, code_ptr, a, VARIANT)
             if VARIANT == 3:
                 acc_hi += tl.sum(packed.to(tl.float32), 0)[None, :]
             elif VARIANT == 2:
@@ -133,19 +140,7 @@ def _w4_matmul(a_ptr, q_ptr, code_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offse
                              mask=n_ok[None, :] & (2 * kj[:, None] < K), other=0)   # [bytes, n]
             s = _scales(absmax_ptr, code2_ptr, absmax2_ptr, offset,
                         (rn.to(tl.int64) * W_COLS + k0) // 64, n_ok, BLOCK2, NESTED)[None, :]
-            if VARIANT == 1:
-                hi = ((packed >> 4).to(tl.float32) * s).to(a.dtype)
-                lo = ((packed & 0xF).to(tl.float32) * s).to(a.dtype)
-            elif VARIANT == 4:
-                table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[:, None], (16, packed.shape[1]))
-                hi = (tl.gather(table, (packed >> 4).to(tl.int32), 0) * s).to(a.dtype)
-                lo = (tl.gather(table, (packed & 0xF).to(tl.int32), 0) * s).to(a.dtype)
-            elif VARIANT == 5:
-                hi = (_tree(packed >> 4, code_ptr) * s).to(a.dtype)
-                lo = (_tree(packed & 0xF, code_ptr) * s).to(a.dtype)
-            else:
-                hi = (tl.load(code_ptr + (packed >> 4)) * s).to(a.dtype)
-                lo = (tl.load(code_ptr + (packed & 0xF)) * s).to(a.dtype)
+            hi, lo = _decode(packed, s, code_ptr, a, VARIANT)
             if VARIANT == 3:
                 acc += tl.sum(packed.to(tl.float32), 0)[None, :]
             elif VARIANT == 2:
