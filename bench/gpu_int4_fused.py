@@ -178,9 +178,9 @@ def pick(m: int, n: int, k: int, transposed: bool, sms: int) -> Config:
 
 def matmul(a, packed, layout, transposed: bool, config: Config | None = None, variant: int = 0) -> torch.Tensor:
     """a [M, in] @ W^T when not transposed (the forward; W is [out, in] = layout.shape);
-    a [M, out] @ W when transposed (the input's gradient). `layout` is int4_weights.Layout;
-    supported(layout) must hold."""
+    a [M, out] @ W when transposed (the input's gradient). `layout` is this file's Layout."""
     rows, cols = layout.shape
+    assert layout.blocksize == BLOCKSIZE and cols % BLOCKSIZE == 0, "absmax blocks of 64 within a weight row"
     m, k = a.shape
     n = cols if transposed else rows
     if config is None:
