@@ -10,7 +10,9 @@ leaves without a traceback. Status lines go to stderr, answers to stdout.
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from shomin.tasks.ground.errors import ConfigError
@@ -96,6 +98,15 @@ def _read(prompt: str, interactive: bool) -> str | None:
     return None if not line else line.rstrip("\n")
 
 
+def ctrl_c_leaves() -> None:
+    """Ctrl-C at the prompt raises KeyboardInterrupt, as the banner promises, even where the chat
+    inherited SIGINT ignored: a non-interactive shell starts its background commands that way
+    (`cmd &` in a script, `nohup`), and Python then installs no handler of its own, so the key
+    did nothing at all. Called only when stdin is a terminal; acts only in the main thread."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def converse(speaker: Speaker, args, out=sys.stdout) -> int:
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
@@ -103,6 +114,8 @@ def converse(speaker: Speaker, args, out=sys.stdout) -> int:
         _turn(speaker, history + [{"role": "user", "content": args.prompt}], args, out)
         return 0
     interactive = sys.stdin.isatty()
+    if interactive:
+        ctrl_c_leaves()
     print(f"shomin chat: {speaker.describe()}\n/reset clears the conversation; /exit, Ctrl-D or Ctrl-C leaves.",
           file=sys.stderr)
     while True:

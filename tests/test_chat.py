@@ -119,6 +119,23 @@ def _wait_until_reading(pid: int, limit: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _where(pid: int) -> str:
+    """Each thread of the process: its name, the syscall it sleeps in, and whether SIGINT is
+    blocked or pending for it (Linux /proc), for the message of a failure."""
+    bit, rows = 1 << (signal.SIGINT - 1), []
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        try:
+            task = f"/proc/{pid}/task/{tid}"
+            status = dict(line.split(":", 1) for line in open(f"{task}/status").read().splitlines())
+            call = open(f"{task}/syscall").read().split()[0]
+        except (OSError, IndexError):
+            continue
+        flags = [name for name, key in (("blocked", "SigBlk"), ("pending", "SigPnd"), ("group-pending", "ShdPnd"),
+                                        ("ignored", "SigIgn"), ("caught", "SigCgt")) if int(status[key], 16) & bit]
+        rows.append(f"{tid} {status['Name'].strip()} syscall {call} {'/'.join(flags) or '-'}")
+    return "; ".join(rows)
+
+
 def _threads_taking_sigint(pid: int) -> list[int]:
     """The process's threads whose signal mask lets SIGINT in (Linux /proc)."""
     taking = []
@@ -133,11 +150,15 @@ def _threads_taking_sigint(pid: int) -> list[int]:
     return taking
 
 
-@pytest.mark.parametrize("leave", [b"\x04", b"\x03"], ids=["ctrl-d", "ctrl-c"])
-def test_a_terminal_session_streams_and_leaves_cleanly(chat_run, leave):
+@pytest.mark.parametrize("leave, sigint", [(b"\x04", signal.SIG_DFL), (b"\x03", signal.SIG_DFL), (b"\x03", signal.SIG_IGN)],
+                         ids=["ctrl-d", "ctrl-c", "ctrl-c-started-ignoring-it"])
+def test_a_terminal_session_streams_and_leaves_cleanly(chat_run, leave, sigint):
     workdir, run, _ = chat_run
     pid, fd = pty.fork()
     if pid == 0:   # the child: shomin chat on a real pseudo-terminal
+        # As an interactive shell starts it (SIGINT at its default), or as `cmd &` in a script or
+        # `nohup` do (ignored, inherited through exec: a test run in the background starts it so too)
+        signal.signal(signal.SIGINT, sigint)
         os.chdir(workdir)
         os.execve(sys.executable, [sys.executable, "-m", "shomin.flows.cli", "chat", str(run),
                                    "--max-new-tokens", "6"], env())
@@ -163,8 +184,9 @@ def test_a_terminal_session_streams_and_leaves_cleanly(chat_run, leave):
             break
         time.sleep(1)
     else:
+        where = _where(pid)
         os.kill(pid, 9)
-        pytest.fail(f"shomin chat did not leave after {leave!r}: {rest[-500:]!r}")
+        pytest.fail(f"shomin chat did not leave after {leave!r}: {rest[-500:]!r}; its threads: {where}")
     os.close(fd)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and b"Traceback" not in rest
 

@@ -75,7 +75,8 @@ def test_prefs_rlhf_local_trains_a_reward_model_and_ppo_against_it(workdir):
     from peft import AutoPeftModelForSequenceClassification
     from shomin.tasks.models.trained_reward import build_trained_reward
     folder = run / "reward_model" / "model"
-    plain = AutoPeftModelForSequenceClassification.from_pretrained(folder, num_labels=1).eval()
+    # float32, as shomin scores on the CPU (transformers 5 otherwise loads the merged model's own 16-bit dtype)
+    plain = AutoPeftModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32).eval()
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
     plain.config.pad_token_id = tok.pad_token_id
