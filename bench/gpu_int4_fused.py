@@ -166,7 +166,7 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def pick(m: int, n: int, k: int, transposed: bool, sms: int) -> Config:
+def pick(m: int, n: int, k: int, sms: int) -> Config:
     """Blocks of 64 along the weight row (one absmax each); all rows in one block up to 128 (the
     weight is read once); the reduction split until there are about two programs an SM."""
     block_m = min(128, max(16, triton.next_power_of_2(m)))
@@ -185,7 +185,7 @@ def matmul(a, packed, layout, transposed: bool, config: Config | None = None, va
     n = cols if transposed else rows
     if config is None:
         sms = _sm_count(a.device.index or 0) if a.is_cuda else 4
-        config = pick(m, n, k, transposed, sms)
+        config = pick(m, n, k, sms)
     steps_per_split = triton.cdiv(triton.cdiv(k, config.block_k), config.split_k)
     k_per_split = steps_per_split * config.block_k
     splits = triton.cdiv(k, k_per_split)
@@ -244,7 +244,7 @@ def main() -> None:
                 row = {"layer": name, "rows": m, "grad": grad,
                        "bnb_dequantize_ms": round(do_bench(lambda: bnb.functional.dequantize_4bit(packed, state)), 4),
                        "cublas_ms": round(do_bench(lambda: (a @ w) if grad else (a @ w.T)), 4), "ms": {}, "max_abs_diff": {}}
-                p = pick(m, n, k, grad, sms)
+                p = pick(m, n, k, sms)
                 configs = (p, Config(p.block_m, 64 if grad else 32, 128 if grad else 64, p.split_k * 2, 8, 3),
                            Config(min(p.block_m, 64), 64, 64, p.split_k, 4, 4))
                 for cfg in configs:

@@ -119,35 +119,41 @@ def _wait_until_reading(pid: int, limit: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _tasks(pid: int) -> dict[int, tuple[dict, str]]:
+    """Each live thread of the process: its /proc status fields and the syscall it sleeps in
+    (Linux /proc); a thread that ends while it is read is left out."""
+    found = {}
+    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
+        task = f"/proc/{pid}/task/{tid}"
+        try:
+            status = dict(line.split(":", 1) for line in open(f"{task}/status").read().splitlines())
+        except OSError:
+            continue
+        try:
+            call = open(f"{task}/syscall").read().split()[0]
+        except (OSError, IndexError):   # not readable on every kernel: the status still counts
+            call = "?"
+        found[tid] = status, call
+    return found
+
+
+def _sigint_in(status: dict, key: str) -> bool:
+    return bool(int(status[key], 16) & (1 << (signal.SIGINT - 1)))
+
+
 def _where(pid: int) -> str:
     """Each thread of the process: its name, the syscall it sleeps in, and whether SIGINT is
-    blocked or pending for it (Linux /proc), for the message of a failure."""
-    bit, rows = 1 << (signal.SIGINT - 1), []
-    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
-        try:
-            task = f"/proc/{pid}/task/{tid}"
-            status = dict(line.split(":", 1) for line in open(f"{task}/status").read().splitlines())
-            call = open(f"{task}/syscall").read().split()[0]
-        except (OSError, IndexError):
-            continue
-        flags = [name for name, key in (("blocked", "SigBlk"), ("pending", "SigPnd"), ("group-pending", "ShdPnd"),
-                                        ("ignored", "SigIgn"), ("caught", "SigCgt")) if int(status[key], 16) & bit]
-        rows.append(f"{tid} {status['Name'].strip()} syscall {call} {'/'.join(flags) or '-'}")
-    return "; ".join(rows)
+    blocked, pending, ignored or caught for it, for the message of a failure."""
+    flags = (("blocked", "SigBlk"), ("pending", "SigPnd"), ("group-pending", "ShdPnd"), ("ignored", "SigIgn"),
+             ("caught", "SigCgt"))
+    return "; ".join(f"{tid} {status['Name'].strip()} syscall {call} "
+                     f"{'/'.join(name for name, key in flags if _sigint_in(status, key)) or '-'}"
+                     for tid, (status, call) in _tasks(pid).items())
 
 
 def _threads_taking_sigint(pid: int) -> list[int]:
-    """The process's threads whose signal mask lets SIGINT in (Linux /proc)."""
-    taking = []
-    for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")):
-        try:
-            text = open(f"/proc/{pid}/task/{tid}/status").read()
-        except FileNotFoundError:   # a thread that ended meanwhile takes nothing
-            continue
-        status = dict(line.split(":", 1) for line in text.splitlines())
-        if not int(status["SigBlk"], 16) & (1 << (signal.SIGINT - 1)):
-            taking.append(tid)
-    return taking
+    """The process's threads whose signal mask lets SIGINT in."""
+    return [tid for tid, (status, _) in _tasks(pid).items() if not _sigint_in(status, "SigBlk")]
 
 
 @pytest.mark.parametrize("leave, sigint", [(b"\x04", signal.SIG_DFL), (b"\x03", signal.SIG_DFL), (b"\x03", signal.SIG_IGN)],
