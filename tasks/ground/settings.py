@@ -34,6 +34,7 @@ class ModelSpec(Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     quantization: Literal["none", "8bit", "4bit"] = Field("none", description="Load the base weights quantized with bitsandbytes.")
     int8_matmul: Literal["weight_only", "llm_int8"] = Field("weight_only", description="How 8-bit layers compute. weight_only: the stored int8 weights times 16-bit activations (on CUDA one Triton GEMM that dequantizes in registers, elsewhere in chunks of rows; nothing of the input kept for the backward; faster, and closer to the 16-bit model). llm_int8: bitsandbytes' LLM.int8() with its outlier threshold, as seed 003 ran.")
+    int4_matmul: Literal["sliced", "bitsandbytes"] = Field("sliced", description="How frozen 4-bit layers compute. sliced: never a whole 16-bit copy of a weight (302 MB for one 20B MLP matrix): up to 16 rows on CUDA bitsandbytes' fused 4-bit GEMM, otherwise the weight dequantized a slice of rows (at most 32 MiB) at a time, each consumed by a GEMM before the next is made; nothing of the input kept for the backward. bitsandbytes: its own Linear4bit, which mostly dequantizes the whole weight per call.")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (QLoRA uses nf4).")
     bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Matmul dtype of 4-bit layers.")

@@ -70,7 +70,8 @@ def guard_bnb_cpu(model) -> int:
 def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization: str | None = None,
                    dtype: torch.dtype | str | None = None):
     """Weights from safetensors only; quantization defaults to the pipeline's; dtype "auto" keeps
-    the checkpoint's own. 8-bit layers compute as `spec.int8_matmul` says (levers/int8_weights.py)."""
+    the checkpoint's own. 8-bit and 4-bit layers compute as `spec.int8_matmul` and `spec.int4_matmul`
+    say (levers/int8_weights.py, levers/int4_weights.py)."""
     from transformers import AutoModelForCausalLM
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # under `accelerate launch`: this process's GPU
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -90,6 +91,9 @@ def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization:
     if quantization == "8bit" and spec.int8_matmul == "weight_only":
         from shomin.tasks.models.levers.int8_weights import use_weight_only
         use_weight_only(model)
+    if quantization == "4bit" and spec.int4_matmul == "sliced":
+        from shomin.tasks.models.levers.int4_weights import use_sliced
+        use_sliced(model)
     return model
 
 

@@ -1,0 +1,158 @@
+"""Frozen 4-bit layers that never hold a whole 16-bit copy of their weight.
+
+bitsandbytes' `Linear4bit` mostly computes x @ W^T by dequantizing all of W to 16 bits and
+handing it to cuBLAS; its backward dequantizes all of W again for grad_x = grad_y @ W. For
+one MLP matrix of a 20B model that copy is 302 MB, and it sits on top of whatever else is
+alive: with a PPO policy on a 4-bit 20B base it was a quarter of the stage's memory above
+its weights. Here the same stored weights (4-bit codes, one absmax per block, the absmax
+itself 8-bit under double quantization) are used two ways, both bitsandbytes' own kernels:
+
+- up to FUSED_MAX_ROWS rows (a rollout's decode step), bitsandbytes' fused 4-bit GEMM,
+  which decodes the codes in registers. bitsandbytes' dispatcher picks it only for some
+  shapes on Hopper; on the 20B shapes at 16 rows it is faster for all four matrices
+  (0.64 against 0.68 ms a layer, `python bench/gpu_bnb4_paths.py`) and makes no copy.
+- otherwise, W a slice of rows at a time (at most SLICE_BYTES in 16 bits), each slice
+  dequantized and consumed by a GEMM before the next is made. A slice that fits in the
+  GPU's L2 cache is read back from it, so slicing is not slower than the whole copy:
+  the input gradient of the four 20B matrices at 96 rows took 1.64 ms against 2.02 for
+  bitsandbytes' backward (float32 accumulation across slices, as one GEMM would do).
+
+The weight is frozen, so nothing of the input is kept for the backward. Each weight is formed
+in float32 and rounded once to the compute dtype, as bitsandbytes does.
+`ModelSpec.int4_matmul: bitsandbytes` keeps bitsandbytes' own layer.
+"""
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+
+FUSED_MAX_ROWS = 16
+# H100's L2 is 50 MB: a 32 MiB slice is still there when the GEMM reads it (16 MiB slices
+# measured slower: more, thinner GEMMs).
+SLICE_BYTES = 32 << 20
+
+
+def _fused_gemm():
+    """bitsandbytes' fused 4-bit GEMM (CUDA, bitsandbytes >= 0.50), or None. It is not public API:
+    where it moves, the sliced path (no copy either) takes its place."""
+    try:
+        from bitsandbytes.backends.cuda.ops import _gemm_4bit_kernel_impl
+    except (ImportError, AttributeError):   # a build without CUDA fails inside that module
+        return None
+    return _gemm_4bit_kernel_impl
+
+
+class Weight4bit:
+    """One frozen bitsandbytes 4-bit weight as stored, read once when the layer is routed."""
+
+    def __init__(self, param):
+        state = param.quant_state
+        self.packed, self.state = param.data.view(-1), state
+        self.rows, self.cols = (int(d) for d in state.shape)
+        self.nested = bool(state.nested)
+        # a slice must start on an absmax block, and under double quantization on a block of
+        # absmax blocks (state2's), so its absmax can be dequantized on its own
+        unit = state.blocksize * (state.state2.blocksize if self.nested else 1)
+        self.row_step = unit // math.gcd(unit, self.cols)
+
+    def slices(self, itemsize: int) -> list[tuple[int, int]]:
+        rows = max(self.row_step, SLICE_BYTES // (self.cols * itemsize) // self.row_step * self.row_step)
+        return [(a, min(a + rows, self.rows)) for a in range(0, self.rows, rows)]
+
+    def dequantized(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows [a, b) of W in `dtype`: bitsandbytes' dequantize on that slice of the storage."""
+        s = self.state
+        first, last = a * self.cols // s.blocksize, -(-b * self.cols // s.blocksize)
+        if self.nested:
+            inner = s.state2
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise(
+                s.absmax[first:last], inner.absmax[first // inner.blocksize: -(-last // inner.blocksize)],
+                inner.code, inner.blocksize, torch.float32) + s.offset
+        else:
+            absmax = s.absmax[first:last].float()
+        return torch.ops.bitsandbytes.dequantize_4bit(self.packed[a * self.cols // 2: -(-b * self.cols // 2)], absmax,
+                                                      s.blocksize, s.quant_type, [b - a, self.cols], dtype)
+
+    def fused(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        s = self.state
+        if not x2d.is_cuda or x2d.shape[0] > FUSED_MAX_ROWS or self.cols % s.blocksize:
+            return None
+        gemm = _fused_gemm()
+        if gemm is None:
+            return None
+        if self.nested:
+            return gemm(x2d, self.packed.view(-1, 1), s.shape, s.state2.absmax, s.blocksize, s.quant_type, bias,
+                        absmax_8bit=s.absmax, absmax_code=s.state2.code, absmax_offset=s.offset)
+        return gemm(x2d, self.packed.view(-1, 1), s.shape, s.absmax, s.blocksize, s.quant_type, bias)
+
+    def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x2d @ W^T + bias."""
+        y = self.fused(x2d, bias)
+        if y is not None:
+            return y
+        # W's row slices against x^T: each GEMM writes a contiguous block of y^T
+        out_t = torch.empty((self.rows, x2d.shape[0]), dtype=x2d.dtype, device=x2d.device)
+        for a, b in self.slices(x2d.element_size()):
+            torch.mm(self.dequantized(a, b, x2d.dtype), x2d.t(), out=out_t[a:b])
+        y = out_t.t().contiguous()
+        return y if bias is None else y.add_(bias)
+
+    def grad_input(self, grad2d: torch.Tensor) -> torch.Tensor:
+        """grad2d @ W, summed over W's row slices in float32."""
+        acc = None
+        for a, b in self.slices(grad2d.element_size()):
+            part, g = self.dequantized(a, b, grad2d.dtype), grad2d[:, a:b]
+            if grad2d.is_cuda and grad2d.dtype != torch.float32:   # cuBLAS: 16-bit in, float32 out
+                acc = torch.mm(g, part, out_dtype=torch.float32) if acc is None else \
+                    torch.addmm(acc, g, part, out_dtype=torch.float32)
+            else:
+                prod = g.float() @ part.float()
+                acc = prod if acc is None else acc.add_(prod)
+        return acc.to(grad2d.dtype)
+
+
+class Int4WeightLinear(torch.autograd.Function):
+    """y = x @ W^T + bias with W a frozen `Weight4bit`; keeps nothing of x for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Weight4bit, bias: torch.Tensor | None):
+        ctx.weight, ctx.has_bias = weight, bias is not None
+        y = weight.forward(x.reshape(-1, x.shape[-1]), bias)
+        return y.view(*x.shape[:-1], weight.rows)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.weight.grad_input(flat).view(*grad_out.shape[:-1], ctx.weight.cols)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat.sum(0)
+        return grad_x, None, grad_bias
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' Linear4bit contract: compute in compute_dtype, the bias follows it, the
+    result comes back in the input's dtype."""
+    in_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    if self.bias is not None and self.bias.dtype != x.dtype:
+        self.bias.data = self.bias.data.to(x.dtype)
+    return Int4WeightLinear.apply(x, self._shomin_weight4bit, self.bias).to(in_dtype)
+
+
+def use_sliced(model) -> int:
+    """Route every frozen bitsandbytes 4-bit linear of `model` through Int4WeightLinear; returns how many."""
+    import bitsandbytes as bnb
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.requires_grad:
+            continue
+        module._shomin_weight4bit = Weight4bit(module.weight)
+        target = "_old_forward" if hasattr(module, "_old_forward") else "forward"
+        setattr(module, target, types.MethodType(_forward, module))
+        n += 1
+    return n
