@@ -8,7 +8,10 @@ peak). On Hopper it picks the copy for most of these shapes. This times both, fo
 the input's gradient g @ W three ways: bitsandbytes' backward (the whole weight dequantized),
 and in row slices of at most 64 or 32 MiB, each dequantized and added into the gradient.
 One JSON line per (shape, rows). CUDA and bitsandbytes >= 0.50 needed.
-Usage: python bench/gpu_bnb4_paths.py
+`layers`: the four matrices of LAYERS distinct layers in a row (so no weight is still in L2
+when it is read again, as in a model), bitsandbytes' own (its dispatcher's forward, its
+backward's whole dequantize) against shomin's `int4_matmul: sliced` (levers/int4_weights.py).
+Usage: python bench/gpu_bnb4_paths.py [layers]
 """
 from __future__ import annotations
 
@@ -139,5 +142,62 @@ def main():
         del lin, dense
 
 
+def layers(count: int = 8):
+    """ms per layer (four matrices), forward at 16 and 96 rows and the input's gradient at 96."""
+    import sys
+
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    import checkout  # noqa: F401 - shomin from this checkout
+    from shomin.tasks.models.levers.int4_weights import Weight4bit
+    torch.manual_seed(0)
+    mats = []
+    for _ in range(count):
+        for n, k in SHAPES.values():
+            lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                    compress_statistics=True).cuda()
+            mats.append((lin.weight, Weight4bit(lin.weight), n, k))
+    for m in (16, 96):
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, _, n, k in mats[:4]]
+        gs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _, _, n, k in mats[:4]]
+
+        def bnb_fwd():
+            for i, (w, _, _, _) in enumerate(mats):
+                bnb.matmul_4bit(xs[i % 4], w.t(), quant_state=w.quant_state)
+
+        def bnb_grad():
+            for i, (w, _, _, _) in enumerate(mats):
+                gs[i % 4] @ bnbf.dequantize_4bit(w.data, w.quant_state).to(torch.bfloat16)
+
+        def own_fwd():
+            for i, (_, w4, _, _) in enumerate(mats):
+                w4.forward(xs[i % 4], None)
+
+        def own_grad():
+            for i, (_, w4, _, _) in enumerate(mats):
+                w4.grad_input(gs[i % 4])
+        def eager(fn) -> float:   # op by op, host included: a graph's warm-up and capture run this way
+            fn()
+            torch.cuda.synchronize()
+            t = __import__("time").perf_counter()
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            return round((__import__("time").perf_counter() - t) / 3 / count * 1e3, 3)
+        with torch.no_grad():
+            if m > 16:
+                print(json.dumps({"layers": count, "rows": m, "op_by_op": True, "bnb_fwd_ms_per_layer": eager(bnb_fwd),
+                                  "sliced_fwd_ms_per_layer": eager(own_fwd), "bnb_grad_ms_per_layer": eager(bnb_grad),
+                                  "sliced_grad_ms_per_layer": eager(own_grad)}), flush=True)
+            line = {"layers": count, "rows": m, "bnb_fwd_ms_per_layer": round(timed(bnb_fwd, 10) / count, 3),
+                    "sliced_fwd_ms_per_layer": round(timed(own_fwd, 10) / count, 3)}
+            if m > 16:
+                line["bnb_grad_ms_per_layer"] = round(timed(bnb_grad, 10) / count, 3)
+                line["sliced_grad_ms_per_layer"] = round(timed(own_grad, 10) / count, 3)
+        print(json.dumps(line), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    layers() if sys.argv[1:] == ["layers"] else main()

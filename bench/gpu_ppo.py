@@ -7,6 +7,7 @@ Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointin
   checkpointing: stages.ppo.gradient_checkpointing on;  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
   own 8-bit matmul, as the seed ran) instead of the default weight_only;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
+  BENCH_INT4=bitsandbytes: 4-bit layers as bitsandbytes computes them (model.int4_matmul), instead of sliced
   under `accelerate launch`: data parallel, QUERIES per process (bench/gpu_ppo_multi.sh)
   BENCH_POOLS=1: where the reserved memory sits (the default pool or a CUDA graph's private one; reserved and
     allocated GiB of each) at three points of the first two steps (pools_by_phase): "pools" in the line
@@ -49,6 +50,7 @@ QUERIES, NEW_TOKENS, STEPS = map(int, sys.argv[3:6])
 CHECKPOINTING = "checkpointing" in sys.argv[6:]
 INT8 = "llm_int8" if "llm_int8" in sys.argv[6:] else "weight_only"
 CUDA_GRAPHS = "eager" not in sys.argv[6:]
+INT4 = os.environ.get("BENCH_INT4", "sliced")   # bitsandbytes: its own Linear4bit (the whole weight dequantized per call)
 LAYERS = os.environ.get("BENCH_LAYERS")   # fewer layers of the same width: a quick look, not the table
 SCRATCH = Path(os.environ.get("BENCH_DIR", tempfile.gettempdir()))
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")  # cpu: a dry run of the script on the tiny shape
@@ -171,7 +173,7 @@ def main():
     data = DataResult(stage="dataset", output_dir=str(work), train_path=str(work / "train.jsonl"),
                       eval_path=str(work / "train.jsonl"), format="text", n_train=256, n_eval=0)
     merge = MergeResult(stage="merge", output_dir=str(path), merged_path=str(path))
-    spec = ModelSpec(source=str(path), dtype="float16", int8_matmul=INT8)
+    spec = ModelSpec(source=str(path), dtype="float16", int8_matmul=INT8, int4_matmul=INT4)
     settings = PpoSettings(
         quantization=QUANT, steps=STEPS, gradient_checkpointing=CHECKPOINTING, cuda_graphs=CUDA_GRAPHS, batch_size=QUERIES, mini_batch_size=4,
         response_min_tokens=NEW_TOKENS, response_max_tokens=NEW_TOKENS, save_steps=10**6,
@@ -201,6 +203,7 @@ def main():
         "s_per_step": round(mean("step_seconds"), 2), "rollout_s": round(mean("rollout_seconds"), 2),
         "update_s": round(mean("update_seconds"), 2),
         "checkpointing": CHECKPOINTING, "int8_matmul": INT8 if QUANT == "8bit" else None,
+        "int4_matmul": INT4 if QUANT == "4bit" else None,
         "cuda_graphs": CUDA_GRAPHS, "layers": LAYERS,
         "running_peak_gib": phases, **({"pools": pools} if pools is not None else {}),
         "weights_gib": round(result.metrics.get("weights_gpu_gib", 0.0), 2),

@@ -28,23 +28,22 @@ def whole_weight(q) -> torch.Tensor:
     return bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
 
 
-# one slice; 8 rows a slice; the least a slice may be (double quantization: 256 absmax blocks of 64)
+# one slice; 8 rows a slice; one row a slice (a row is 32 absmax blocks)
 @pytest.mark.parametrize("slice_bytes", [32 << 20, 8 * 2048 * 4, 1])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_bitsandbytes_and_keeps_no_input(monkeypatch, slice_bytes, nested, bias):
+@pytest.mark.parametrize("how", ["sliced", "fast"])
+def test_matches_bitsandbytes_and_keeps_no_input(monkeypatch, slice_bytes, nested, bias, how):
     monkeypatch.setattr(int4_weights, "SLICE_BYTES", slice_bytes)
     torch.manual_seed(0)
     q = quantized(torch.nn.Linear(2048, 72, bias=bias), nested)
     w = whole_weight(q)
-    assert int4_weights.use_sliced(torch.nn.Sequential(q)) == 1
+    assert int4_weights.route(torch.nn.Sequential(q), how) == 1
     routed = q._shomin_weight4bit
     slices = routed.slices(4)
-    least = 8 if nested else 1   # rows: 8 x 2048 = 256 x 64 weights
-    rows = 72 if slice_bytes > 1 << 20 else 8 if slice_bytes > 1 else least
+    rows = 72 if slice_bytes > 1 << 20 else 8 if slice_bytes > 1 else 1
     assert slices == [(a, min(a + rows, 72)) for a in range(0, 72, rows)]
-    unit = 64 * (256 if nested else 1)
-    assert all(a * 2048 % unit == 0 for a, _ in slices), "a slice starts inside an absmax block"
+    assert all(a * 2048 % 64 == 0 for a, _ in slices), "a slice starts inside an absmax block"
     x = torch.randn(3, 5, 2048, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -62,7 +61,7 @@ def test_16bit_inputs_come_back_16bit_and_match():
     q = quantized(torch.nn.Linear(1024, 40, bias=False), nested=True)
     q.compute_dtype = torch.bfloat16
     w = whole_weight(q).to(torch.bfloat16)
-    int4_weights.use_sliced(torch.nn.Sequential(q))
+    int4_weights.route(torch.nn.Sequential(q), "sliced")
     x = torch.randn(4, 1024, dtype=torch.bfloat16, requires_grad=True)
     y = q(x)
     assert y.dtype == torch.bfloat16
@@ -91,7 +90,7 @@ def test_a_lora_model_on_routed_4bit_layers_trains_as_on_bitsandbytes_own(monkey
                             (layer.mlp, "dense_h_to_4h"), (layer.mlp, "dense_4h_to_h")):
             setattr(owner, name, quantized(getattr(owner, name), nested=True))
     routed = copy.deepcopy(own)
-    assert int4_weights.use_sliced(routed) == 8
+    assert int4_weights.route(routed, "sliced") == 8
     results = []
     for model in (routed, own):
         torch.manual_seed(3)

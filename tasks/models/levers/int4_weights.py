@@ -23,6 +23,7 @@ in float32 and rounded once to the compute dtype, as bitsandbytes does.
 """
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -44,36 +45,56 @@ def _fused_gemm():
     return _gemm_4bit_kernel_impl
 
 
+@functools.cache
+def _direct_dequantize():
+    """bitsandbytes' CUDA dequantize without the op dispatcher in front of it, or None. Op by op
+    (a CUDA graph's warm-up and capture, and the reference pass, run that way) each slice costs
+    one call, and the dispatcher's Python checks were most of a slice's host time."""
+    try:
+        from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl
+    except (ImportError, AttributeError):
+        return None
+    return _dequantize_4bit_impl
+
+
 class Weight4bit:
     """One frozen bitsandbytes 4-bit weight as stored, read once when the layer is routed."""
 
     def __init__(self, param):
         state = param.quant_state
-        self.packed, self.state = param.data.view(-1), state
+        self.param, self.packed, self.state = param, param.data.view(-1), state
         self.rows, self.cols = (int(d) for d in state.shape)
         self.nested = bool(state.nested)
-        # a slice must start on an absmax block, and under double quantization on a block of
-        # absmax blocks (state2's), so its absmax can be dequantized on its own
-        unit = state.blocksize * (state.state2.blocksize if self.nested else 1)
-        self.row_step = unit // math.gcd(unit, self.cols)
+        # a slice must start on an absmax block
+        self.row_step = state.blocksize // math.gcd(state.blocksize, self.cols)
 
     def slices(self, itemsize: int) -> list[tuple[int, int]]:
         rows = max(self.row_step, SLICE_BYTES // (self.cols * itemsize) // self.row_step * self.row_step)
         return [(a, min(a + rows, self.rows)) for a in range(0, self.rows, rows)]
 
-    def dequantized(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+    def absmax(self) -> torch.Tensor:
+        """Every block's absmax in float32 (under double quantization: bitsandbytes' blockwise
+        dequantize + the offset). Made once per call for the whole weight, 1/32 of its 16-bit
+        size, not per slice: at 96 rows the per-slice kernels cost more than the GEMMs saved."""
+        s = self.state
+        if not self.nested:
+            return s.absmax.float()
+        inner = s.state2
+        return torch.ops.bitsandbytes.dequantize_blockwise(s.absmax, inner.absmax, inner.code, inner.blocksize,
+                                                           torch.float32) + s.offset
+
+    def dequantized(self, a: int, b: int, dtype: torch.dtype, absmax: torch.Tensor) -> torch.Tensor:
         """Rows [a, b) of W in `dtype`: bitsandbytes' dequantize on that slice of the storage."""
         s = self.state
         first, last = a * self.cols // s.blocksize, -(-b * self.cols // s.blocksize)
-        if self.nested:
-            inner = s.state2
-            absmax = torch.ops.bitsandbytes.dequantize_blockwise(
-                s.absmax[first:last], inner.absmax[first // inner.blocksize: -(-last // inner.blocksize)],
-                inner.code, inner.blocksize, torch.float32) + s.offset
-        else:
-            absmax = s.absmax[first:last].float()
-        return torch.ops.bitsandbytes.dequantize_4bit(self.packed[a * self.cols // 2: -(-b * self.cols // 2)], absmax,
-                                                      s.blocksize, s.quant_type, [b - a, self.cols], dtype)
+        packed = self.packed[a * self.cols // 2: -(-b * self.cols // 2)]
+        direct = _direct_dequantize() if packed.is_cuda else None
+        if direct is None:
+            return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax[first:last], s.blocksize, s.quant_type,
+                                                          [b - a, self.cols], dtype)
+        out = torch.empty((b - a, self.cols), dtype=dtype, device=packed.device)
+        direct(packed, absmax[first:last], s.blocksize, s.quant_type, dtype, out=out)
+        return out
 
     def fused(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         s = self.state
@@ -87,29 +108,34 @@ class Weight4bit:
                         absmax_8bit=s.absmax, absmax_code=s.state2.code, absmax_offset=s.offset)
         return gemm(x2d, self.packed.view(-1, 1), s.shape, s.absmax, s.blocksize, s.quant_type, bias)
 
-    def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x2d @ W^T + bias."""
+    def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None, sliced: bool) -> torch.Tensor:
+        """x2d @ W^T + bias; above FUSED_MAX_ROWS in slices, or (`sliced` False) as bitsandbytes does."""
         y = self.fused(x2d, bias)
         if y is not None:
             return y
+        if not sliced:
+            import bitsandbytes as bnb
+            return bnb.matmul_4bit(x2d, self.param.t(), quant_state=self.state, bias=bias)
         # W's row slices against x^T: each GEMM writes a contiguous block of y^T
         out_t = torch.empty((self.rows, x2d.shape[0]), dtype=x2d.dtype, device=x2d.device)
+        absmax = self.absmax()
         for a, b in self.slices(x2d.element_size()):
-            torch.mm(self.dequantized(a, b, x2d.dtype), x2d.t(), out=out_t[a:b])
+            torch.mm(self.dequantized(a, b, x2d.dtype, absmax), x2d.t(), out=out_t[a:b])
         y = out_t.t().contiguous()
         return y if bias is None else y.add_(bias)
 
     def grad_input(self, grad2d: torch.Tensor) -> torch.Tensor:
         """grad2d @ W, summed over W's row slices in float32."""
-        acc = None
+        acc, absmax = None, self.absmax()
         for a, b in self.slices(grad2d.element_size()):
-            part, g = self.dequantized(a, b, grad2d.dtype), grad2d[:, a:b]
+            part, g = self.dequantized(a, b, grad2d.dtype, absmax), grad2d[:, a:b]
             if grad2d.is_cuda and grad2d.dtype != torch.float32:   # cuBLAS: 16-bit in, float32 out
                 acc = torch.mm(g, part, out_dtype=torch.float32) if acc is None else \
                     torch.addmm(acc, g, part, out_dtype=torch.float32)
             else:
                 prod = g.float() @ part.float()
                 acc = prod if acc is None else acc.add_(prod)
+            del part   # before the next slice is made: one slice alive at a time
         return acc.to(grad2d.dtype)
 
 
@@ -117,9 +143,9 @@ class Int4WeightLinear(torch.autograd.Function):
     """y = x @ W^T + bias with W a frozen `Weight4bit`; keeps nothing of x for the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Weight4bit, bias: torch.Tensor | None):
+    def forward(ctx, x: torch.Tensor, weight: Weight4bit, bias: torch.Tensor | None, sliced: bool):
         ctx.weight, ctx.has_bias = weight, bias is not None
-        y = weight.forward(x.reshape(-1, x.shape[-1]), bias)
+        y = weight.forward(x.reshape(-1, x.shape[-1]), bias, sliced)
         return y.view(*x.shape[:-1], weight.rows)
 
     @staticmethod
@@ -130,7 +156,7 @@ class Int4WeightLinear(torch.autograd.Function):
             grad_x = ctx.weight.grad_input(flat).view(*grad_out.shape[:-1], ctx.weight.cols)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat.sum(0)
-        return grad_x, None, grad_bias
+        return grad_x, None, grad_bias, None
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,17 +167,19 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
     if self.bias is not None and self.bias.dtype != x.dtype:
         self.bias.data = self.bias.data.to(x.dtype)
-    return Int4WeightLinear.apply(x, self._shomin_weight4bit, self.bias).to(in_dtype)
+    return Int4WeightLinear.apply(x, self._shomin_weight4bit, self.bias, self._shomin_sliced).to(in_dtype)
 
 
-def use_sliced(model) -> int:
-    """Route every frozen bitsandbytes 4-bit linear of `model` through Int4WeightLinear; returns how many."""
+def route(model, how: str) -> int:
+    """Route every frozen bitsandbytes 4-bit linear of `model` through Int4WeightLinear; returns
+    how many. how: "sliced" (never a whole 16-bit copy) or "fast" (bitsandbytes' own forward
+    above FUSED_MAX_ROWS rows; the fused GEMM below it and the sliced backward either way)."""
     import bitsandbytes as bnb
     n = 0
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit) or module.weight.requires_grad:
             continue
-        module._shomin_weight4bit = Weight4bit(module.weight)
+        module._shomin_weight4bit, module._shomin_sliced = Weight4bit(module.weight), how == "sliced"
         target = "_old_forward" if hasattr(module, "_old_forward") else "forward"
         setattr(module, target, types.MethodType(_forward, module))
         n += 1
