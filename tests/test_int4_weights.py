@@ -32,13 +32,12 @@ def whole_weight(q) -> torch.Tensor:
 @pytest.mark.parametrize("slice_bytes", [32 << 20, 8 * 2048 * 4, 1])
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("how", ["sliced", "fast"])
-def test_matches_bitsandbytes_and_keeps_no_input(monkeypatch, slice_bytes, nested, bias, how):
+def test_matches_bitsandbytes_and_keeps_no_input(monkeypatch, slice_bytes, nested, bias):
     monkeypatch.setattr(int4_weights, "SLICE_BYTES", slice_bytes)
     torch.manual_seed(0)
     q = quantized(torch.nn.Linear(2048, 72, bias=bias), nested)
     w = whole_weight(q)
-    assert int4_weights.route(torch.nn.Sequential(q), how) == 1
+    assert int4_weights.use_sliced(torch.nn.Sequential(q)) == 1
     routed = q._shomin_weight4bit
     slices = routed.slices(4)
     rows = 72 if slice_bytes > 1 << 20 else 8 if slice_bytes > 1 else 1
@@ -61,7 +60,7 @@ def test_16bit_inputs_come_back_16bit_and_match():
     q = quantized(torch.nn.Linear(1024, 40, bias=False), nested=True)
     q.compute_dtype = torch.bfloat16
     w = whole_weight(q).to(torch.bfloat16)
-    int4_weights.route(torch.nn.Sequential(q), "sliced")
+    int4_weights.use_sliced(torch.nn.Sequential(q))
     x = torch.randn(4, 1024, dtype=torch.bfloat16, requires_grad=True)
     y = q(x)
     assert y.dtype == torch.bfloat16
@@ -90,7 +89,7 @@ def test_a_lora_model_on_routed_4bit_layers_trains_as_on_bitsandbytes_own(monkey
                             (layer.mlp, "dense_h_to_4h"), (layer.mlp, "dense_4h_to_h")):
             setattr(owner, name, quantized(getattr(owner, name), nested=True))
     routed = copy.deepcopy(own)
-    assert int4_weights.route(routed, "sliced") == 8
+    assert int4_weights.use_sliced(routed) == 8
     results = []
     for model in (routed, own):
         torch.manual_seed(3)

@@ -91,9 +91,9 @@ def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization:
     if quantization == "8bit" and spec.int8_matmul == "weight_only":
         from shomin.tasks.models.levers.int8_weights import use_weight_only
         use_weight_only(model)
-    if quantization == "4bit" and spec.int4_matmul != "bitsandbytes":
-        from shomin.tasks.models.levers.int4_weights import route
-        route(model, spec.int4_matmul)
+    if quantization == "4bit" and spec.int4_matmul == "sliced":
+        from shomin.tasks.models.levers.int4_weights import use_sliced
+        use_sliced(model)
     return model
 
 

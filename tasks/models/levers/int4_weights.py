@@ -1,4 +1,5 @@
-"""Frozen 4-bit layers that never hold a whole 16-bit copy of their weight.
+"""Frozen 4-bit layers that never hold a whole 16-bit copy of their weight: the
+`ModelSpec.int4_matmul: sliced` lever, for the least memory.
 
 bitsandbytes' `Linear4bit` mostly computes x @ W^T by dequantizing all of W to 16 bits and
 handing it to cuBLAS; its backward dequantizes all of W again for grad_x = grad_y @ W. For
@@ -10,16 +11,16 @@ itself 8-bit under double quantization) are used two ways, both bitsandbytes' ow
 - up to FUSED_MAX_ROWS rows (a rollout's decode step), bitsandbytes' fused 4-bit GEMM,
   which decodes the codes in registers. bitsandbytes' dispatcher picks it only for some
   shapes on Hopper; on the 20B shapes at 16 rows it is faster for all four matrices
-  (0.64 against 0.68 ms a layer, `python bench/gpu_bnb4_paths.py`) and makes no copy.
+  (0.63 against 0.68 ms a layer, `python bench/gpu_bnb4_paths.py layers`) and makes no copy.
 - otherwise, W a slice of rows at a time (at most SLICE_BYTES in 16 bits), each slice
-  dequantized and consumed by a GEMM before the next is made. A slice that fits in the
-  GPU's L2 cache is read back from it, so slicing is not slower than the whole copy:
-  the input gradient of the four 20B matrices at 96 rows took 1.64 ms against 2.02 for
-  bitsandbytes' backward (float32 accumulation across slices, as one GEMM would do).
+  dequantized and consumed by a GEMM before the next is made, the input's gradient summed
+  over slices in float32 (as one GEMM would). Timed alone, layer after layer, this was
+  faster than the whole copy for the gradient (1.65 against 2.01 ms a layer at 96 rows) and
+  slower for the forward (1.15 against 0.92); inside the PPO update it is slower overall
+  (README, "Benchmarks"), hence not the default.
 
 The weight is frozen, so nothing of the input is kept for the backward. Each weight is formed
 in float32 and rounded once to the compute dtype, as bitsandbytes does.
-`ModelSpec.int4_matmul: bitsandbytes` keeps bitsandbytes' own layer.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class Weight4bit:
 
     def __init__(self, param):
         state = param.quant_state
-        self.param, self.packed, self.state = param, param.data.view(-1), state
+        self.packed, self.state = param.data.view(-1), state
         self.rows, self.cols = (int(d) for d in state.shape)
         self.nested = bool(state.nested)
         # a slice must start on an absmax block
@@ -108,14 +109,11 @@ class Weight4bit:
                         absmax_8bit=s.absmax, absmax_code=s.state2.code, absmax_offset=s.offset)
         return gemm(x2d, self.packed.view(-1, 1), s.shape, s.absmax, s.blocksize, s.quant_type, bias)
 
-    def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None, sliced: bool) -> torch.Tensor:
-        """x2d @ W^T + bias; above FUSED_MAX_ROWS in slices, or (`sliced` False) as bitsandbytes does."""
+    def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x2d @ W^T + bias."""
         y = self.fused(x2d, bias)
         if y is not None:
             return y
-        if not sliced:
-            import bitsandbytes as bnb
-            return bnb.matmul_4bit(x2d, self.param.t(), quant_state=self.state, bias=bias)
         # W's row slices against x^T: each GEMM writes a contiguous block of y^T
         out_t = torch.empty((self.rows, x2d.shape[0]), dtype=x2d.dtype, device=x2d.device)
         absmax = self.absmax()
@@ -143,9 +141,9 @@ class Int4WeightLinear(torch.autograd.Function):
     """y = x @ W^T + bias with W a frozen `Weight4bit`; keeps nothing of x for the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Weight4bit, bias: torch.Tensor | None, sliced: bool):
+    def forward(ctx, x: torch.Tensor, weight: Weight4bit, bias: torch.Tensor | None):
         ctx.weight, ctx.has_bias = weight, bias is not None
-        y = weight.forward(x.reshape(-1, x.shape[-1]), bias, sliced)
+        y = weight.forward(x.reshape(-1, x.shape[-1]), bias)
         return y.view(*x.shape[:-1], weight.rows)
 
     @staticmethod
@@ -156,7 +154,7 @@ class Int4WeightLinear(torch.autograd.Function):
             grad_x = ctx.weight.grad_input(flat).view(*grad_out.shape[:-1], ctx.weight.cols)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat.sum(0)
-        return grad_x, None, grad_bias, None
+        return grad_x, None, grad_bias
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,19 +165,17 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.compute_dtype)
     if self.bias is not None and self.bias.dtype != x.dtype:
         self.bias.data = self.bias.data.to(x.dtype)
-    return Int4WeightLinear.apply(x, self._shomin_weight4bit, self.bias, self._shomin_sliced).to(in_dtype)
+    return Int4WeightLinear.apply(x, self._shomin_weight4bit, self.bias).to(in_dtype)
 
 
-def route(model, how: str) -> int:
-    """Route every frozen bitsandbytes 4-bit linear of `model` through Int4WeightLinear; returns
-    how many. how: "sliced" (never a whole 16-bit copy) or "fast" (bitsandbytes' own forward
-    above FUSED_MAX_ROWS rows; the fused GEMM below it and the sliced backward either way)."""
+def use_sliced(model) -> int:
+    """Route every frozen bitsandbytes 4-bit linear of `model` through Int4WeightLinear; returns how many."""
     import bitsandbytes as bnb
     n = 0
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit) or module.weight.requires_grad:
             continue
-        module._shomin_weight4bit, module._shomin_sliced = Weight4bit(module.weight), how == "sliced"
+        module._shomin_weight4bit = Weight4bit(module.weight)
         target = "_old_forward" if hasattr(module, "_old_forward") else "forward"
         setattr(module, target, types.MethodType(_forward, module))
         n += 1
