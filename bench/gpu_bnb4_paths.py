@@ -7,7 +7,9 @@ to 16 bits, then cuBLAS" (fast, but the copy, 0.28 GiB for a 20B MLP matrix, add
 peak). On Hopper it picks the copy for most of these shapes. This times both, forced, and
 the input's gradient g @ W three ways: bitsandbytes' backward (the whole weight dequantized),
 and in row slices of at most 64 or 32 MiB, each dequantized and added into the gradient.
-One JSON line per (shape, rows). CUDA and bitsandbytes >= 0.50 needed.
+One JSON line per (shape, rows). CUDA and bitsandbytes >= 0.50 needed. The layers are made in
+bf16 before quantizing, as a bf16 model's are: bitsandbytes dequantizes to the dtype the weight
+was quantized from (in float32 its backward's copy is twice the bytes).
 `layers`: the four matrices of LAYERS distinct layers in a row (so no weight is still in L2
 when it is read again, as in a model), bitsandbytes' own (its dispatcher's forward, its
 backward's whole dequantize) against shomin's `int4_matmul: sliced` (levers/int4_weights.py).
@@ -48,7 +50,7 @@ def main():
     torch.manual_seed(0)
     for name, (n, k) in SHAPES.items():
         lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                                compress_statistics=True).cuda()
+                                compress_statistics=True).to(torch.bfloat16).cuda()
         w, qs = lin.weight, lin.weight.quant_state
         args = (w.data.view(-1, 1), qs.shape, qs.state2.absmax, qs.blocksize, qs.quant_type)
         kw = dict(absmax_8bit=qs.absmax, absmax_code=qs.state2.code, absmax_offset=qs.offset)
@@ -156,7 +158,7 @@ def layers(count: int = 8):
     for _ in range(count):
         for n, k in SHAPES.values():
             lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                                    compress_statistics=True).cuda()
+                                    compress_statistics=True).to(torch.bfloat16).cuda()
             mats.append((lin.weight, Weight4bit(lin.weight), n, k))
     for m in (16, 96):
         xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, _, n, k in mats[:4]]
@@ -198,6 +200,45 @@ def layers(count: int = 8):
         print(json.dumps(line), flush=True)
 
 
+def autograd_step(count: int = 8, rows: int = 96):
+    """As the PPO update runs them: every matrix of COUNT layers forward and backward through
+    autograd, recorded and replayed by shomin's ReplayedStep, bitsandbytes' layer against sliced."""
+    import copy
+    import sys
+
+    import bitsandbytes as bnb
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    import checkout  # noqa: F401 - shomin from this checkout
+    from shomin.tasks.models.levers import int4_weights
+    from shomin.tasks.models.levers.cuda_graphs import ReplayedStep
+    torch.manual_seed(0)
+    own = torch.nn.ModuleList(
+        bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+        for _ in range(count) for n, k in SHAPES.values()).to(torch.bfloat16).cuda()
+    own.requires_grad_(False)   # frozen, as under a LoRA
+    sliced = copy.deepcopy(own)
+    int4_weights.use_sliced(sliced)
+    xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, requires_grad=True) for n, k in SHAPES.values()]
+    for name, layers in (("bitsandbytes", own), ("sliced", sliced)):
+        def step():
+            loss = sum(layer(xs[i % 4]).float().square().mean() for i, layer in enumerate(layers))
+            loss.backward()
+            return (loss.detach(),)
+        run = ReplayedStep(step, xs)
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+        print(json.dumps({"autograd_replayed": name, "layers": count, "rows": rows,
+                          "ms_per_layer_fwd_bwd": round(start.elapsed_time(end) / 10 / count, 3)}), flush=True)
+        run.close()
+
+
 if __name__ == "__main__":
     import sys
-    layers() if sys.argv[1:] == ["layers"] else main()
+    {"layers": layers, "autograd": autograd_step}.get(sys.argv[1] if sys.argv[1:] else "", main)()

@@ -11,13 +11,12 @@ itself 8-bit under double quantization) are used two ways, both bitsandbytes' ow
 - up to FUSED_MAX_ROWS rows (a rollout's decode step), bitsandbytes' fused 4-bit GEMM,
   which decodes the codes in registers. bitsandbytes' dispatcher picks it only for some
   shapes on Hopper; on the 20B shapes at 16 rows it is faster for all four matrices
-  (0.63 against 0.68 ms a layer, `python bench/gpu_bnb4_paths.py layers`) and makes no copy.
+  (0.64 against 0.67 ms a layer, `python bench/gpu_bnb4_paths.py layers`) and makes no copy.
 - otherwise, W a slice of rows at a time (at most SLICE_BYTES in 16 bits), each slice
   dequantized and consumed by a GEMM before the next is made, the input's gradient summed
-  over slices in float32 (as one GEMM would). Timed alone, layer after layer, this was
-  faster than the whole copy for the gradient (1.65 against 2.01 ms a layer at 96 rows) and
-  slower for the forward (1.15 against 0.92); inside the PPO update it is slower overall
-  (README, "Benchmarks"), hence not the default.
+  over slices in float32 (as one GEMM would). At 96 rows that is slower than the whole copy
+  (3.05 against 2.01 ms a layer for a replayed forward and backward: the slices' GEMMs are
+  thin and many), hence not the default; it is the least memory (README, "Benchmarks").
 
 The weight is frozen, so nothing of the input is kept for the backward. Each weight is formed
 in float32 and rounded once to the compute dtype, as bitsandbytes does.
@@ -31,8 +30,8 @@ import types
 import torch
 
 FUSED_MAX_ROWS = 16
-# H100's L2 is 50 MB: a 32 MiB slice is still there when the GEMM reads it (16 MiB slices
-# measured slower: more, thinner GEMMs).
+# Smaller slices are thinner, slower GEMMs (16 MiB measured slower than 32; 64 and 128 MiB
+# faster but a larger transient: bench/gpu_bnb4_paths.py, README).
 SLICE_BYTES = 32 << 20
 
 
@@ -48,9 +47,10 @@ def _fused_gemm():
 
 @functools.cache
 def _direct_dequantize():
-    """bitsandbytes' CUDA dequantize without the op dispatcher in front of it, or None. Op by op
-    (a CUDA graph's warm-up and capture, and the reference pass, run that way) each slice costs
-    one call, and the dispatcher's Python checks were most of a slice's host time."""
+    """bitsandbytes' CUDA dequantize without the op dispatcher in front of it, or None (not public
+    API: where it moves, the public op is used). Op by op (a CUDA graph's warm-up and capture,
+    and the reference pass) every slice is one call, so the dispatcher's Python checks are
+    skipped once per slice."""
     try:
         from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl
     except (ImportError, AttributeError):
