@@ -107,3 +107,20 @@ def test_a_lora_model_on_routed_4bit_layers_trains_as_on_bitsandbytes_own(monkey
     assert g_r.keys() == g_o.keys() and len(g_r) == 4
     for name in g_r:
         assert torch.allclose(g_r[name], g_o[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_decode_keeps_bitsandbytes_where_it_cannot_run(monkeypatch):
+    """`int4_matmul: bitsandbytes`: off CUDA (and with a gradient to take) every call is
+    bitsandbytes' own, unchanged; the CUDA decode path is checked by bench/gpu_bnb4_paths.py."""
+    torch.manual_seed(4)
+    q = quantized(torch.nn.Linear(256, 24), nested=True)
+    x = torch.randn(2, 3, 256)
+    before = q(x)
+    assert int4_weights.use_fused_decode(torch.nn.Sequential(q)) == 1
+    calls = []
+    monkeypatch.setattr(int4_weights.Weight4bit, "fused", lambda self, *a: calls.append(a) or None)
+    assert torch.equal(q(x), before)
+    x.requires_grad_(True)
+    q(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert not calls, "the fused path was tried off CUDA"

@@ -91,9 +91,9 @@ def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization:
     if quantization == "8bit" and spec.int8_matmul == "weight_only":
         from shomin.tasks.models.levers.int8_weights import use_weight_only
         use_weight_only(model)
-    if quantization == "4bit" and spec.int4_matmul == "sliced":
-        from shomin.tasks.models.levers.int4_weights import use_sliced
-        use_sliced(model)
+    if quantization == "4bit":
+        from shomin.tasks.models.levers.int4_weights import use_fused_decode, use_sliced
+        (use_sliced if spec.int4_matmul == "sliced" else use_fused_decode)(model)
     return model
 
 
