@@ -64,53 +64,39 @@ def main():
             copy = lambda: cuda_ops._dequant_linear_fallback(x, *args, None, **kw)  # noqa: E731
             whole_grad = lambda: g @ bnbf.dequantize_4bit(w.data, qs).to(torch.bfloat16)  # noqa: E731
 
-            def sliced_grad(mib):
+            packed = w.data.view(-1)
+
+            def part(a, b):   # rows [a, b) of W in bf16
+                return torch.ops.bitsandbytes.dequantize_4bit(
+                    packed[a * k // 2: b * k // 2], absmax[a * k // 64: b * k // 64], 64, "nf4", [b - a, k],
+                    torch.bfloat16)
+
+            def sliced_grad(mib, acc_dtype=torch.bfloat16):   # float32: cuBLAS's 16-bit in, float32 out
                 rows = max(1, (mib << 20) // (k * 2))
-                packed = w.data.view(-1)
 
                 def run():
-                    out = torch.zeros(m, k, device="cuda", dtype=torch.bfloat16)
+                    out = torch.zeros(m, k, device="cuda", dtype=acc_dtype)
                     for a in range(0, n, rows):
                         b = min(n, a + rows)
-                        part = torch.ops.bitsandbytes.dequantize_4bit(
-                            packed[a * k // 2: b * k // 2], absmax[a * k // 64: b * k // 64], 64, "nf4", [b - a, k],
-                            torch.bfloat16)
-                        out.addmm_(g[:, a:b], part)
-                    return out
+                        if acc_dtype == torch.bfloat16:
+                            out.addmm_(g[:, a:b], part(a, b))
+                        else:
+                            out = torch.addmm(out, g[:, a:b], part(a, b), out_dtype=acc_dtype)
+                    return out.to(torch.bfloat16)
                 return run
+
             def sliced_fwd(mib, transposed):
                 rows = max(1, (mib << 20) // (k * 2))
-                packed = w.data.view(-1)
-
-                def part(a, b):
-                    return torch.ops.bitsandbytes.dequantize_4bit(
-                        packed[a * k // 2: b * k // 2], absmax[a * k // 64: b * k // 64], 64, "nf4", [b - a, k],
-                        torch.bfloat16)
 
                 def run():
                     if transposed:   # y^T row slices: each GEMM writes a contiguous block
                         yt = torch.empty(n, m, device="cuda", dtype=torch.bfloat16)
                         for a in range(0, n, rows):
-                            b = min(n, a + rows)
-                            torch.mm(part(a, b), x.t(), out=yt[a:b])
+                            torch.mm(part(a, min(n, a + rows)), x.t(), out=yt[a:min(n, a + rows)])
                         return yt.t().contiguous()
                     return torch.cat([x @ part(a, min(n, a + rows)).t() for a in range(0, n, rows)], -1)
                 return run
 
-            def grad32(mib):
-                rows = max(1, (mib << 20) // (k * 2))
-                packed = w.data.view(-1)
-
-                def run():
-                    out = torch.zeros(m, k, device="cuda", dtype=torch.float32)
-                    for a in range(0, n, rows):
-                        b = min(n, a + rows)
-                        part = torch.ops.bitsandbytes.dequantize_4bit(
-                            packed[a * k // 2: b * k // 2], absmax[a * k // 64: b * k // 64], 64, "nf4", [b - a, k],
-                            torch.bfloat16)
-                        out = torch.addmm(out, g[:, a:b], part, out_dtype=torch.float32)
-                    return out.to(torch.bfloat16)
-                return run
             rel = lambda a, b: round(((a.float() - b.float()).norm() / b.float().norm()).item(), 5)  # noqa: E731
             line = {"layer": name, "shape": [n, k], "rows": m,
                     "heuristic_picks_fused": bool(cuda_ops._gemm_4bit_use_custom_cuda(0, torch.bfloat16, m, n, k)),
@@ -128,7 +114,7 @@ def main():
                     line[key + "_ms"] = timed(run)
                     line[key + "_err"] = rel(run(), ref_y)
             try:
-                run = grad32(32)
+                run = sliced_grad(32, torch.float32)
                 line["grad_sliced32_f32acc_ms"] = timed(run)
                 line["grad_sliced32_f32acc_err"] = rel(run(), ref_gx)
             except Exception as e:   # noqa: BLE001 - an older torch without out_dtype

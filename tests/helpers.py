@@ -32,3 +32,22 @@ def sharpened(tiny_model: Path, dest: Path, scale: float = 20.0) -> Path:
     model.save_pretrained(dest)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(dest)
     return dest
+
+
+def lora_loss_and_grads(model, seed: int = 3):
+    """A LoRA (r4, on query_key_value) put on `model` with fixed nonzero B, one LM loss on fixed
+    ids: (loss, {name: gradient}) of the trainable parameters, to compare two routings of the
+    same frozen weights."""
+    import torch
+    from peft import get_peft_model
+    from shomin.tasks.ground.settings import LoraSettings
+    from shomin.tasks.models.loading import lora_config
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, lora_config(LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["query_key_value"])))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+    ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = peft(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in peft.named_parameters() if p.requires_grad}

@@ -6,6 +6,7 @@ backward; no slice cuts an absmax block. (The CUDA-only fused path is checked ag
 bitsandbytes by `bench/gpu_bnb4_paths.py`.)"""
 import pytest
 import torch
+from tests.helpers import lora_loss_and_grads
 from shomin.tasks.models.levers import int4_weights
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -75,9 +76,6 @@ def test_a_lora_model_on_routed_4bit_layers_trains_as_on_bitsandbytes_own(monkey
     loss and LoRA gradients (several slices per layer)."""
     import copy
 
-    from peft import get_peft_model
-    from shomin.tasks.ground.settings import LoraSettings
-    from shomin.tasks.models.loading import lora_config
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     monkeypatch.setattr(int4_weights, "SLICE_BYTES", 1)
     torch.manual_seed(0)
@@ -90,19 +88,7 @@ def test_a_lora_model_on_routed_4bit_layers_trains_as_on_bitsandbytes_own(monkey
             setattr(owner, name, quantized(getattr(owner, name), nested=True))
     routed = copy.deepcopy(own)
     assert int4_weights.use_sliced(routed) == 8
-    results = []
-    for model in (routed, own):
-        torch.manual_seed(3)
-        peft = get_peft_model(model, lora_config(LoraSettings(r=4, alpha=8, dropout=0.0,
-                                                              target_modules=["query_key_value"])))
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
-        ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(0))
-        out = peft(input_ids=ids, labels=ids)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad for n, p in peft.named_parameters() if p.requires_grad}))
-    (loss_r, g_r), (loss_o, g_o) = results
+    (loss_r, g_r), (loss_o, g_o) = lora_loss_and_grads(routed), lora_loss_and_grads(own)
     assert torch.allclose(loss_r, loss_o, rtol=1e-5)
     assert g_r.keys() == g_o.keys() and len(g_r) == 4
     for name in g_r:

@@ -5,7 +5,7 @@ the input is kept for the backward; and a LoRA model whose base layers are route
 it trains exactly as the 16-bit model holding the same dequantized weights."""
 import pytest
 import torch
-from shomin.tasks.ground.settings import LoraSettings
+from tests.helpers import lora_loss_and_grads
 from shomin.tasks.models.levers import int8_weights
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -56,8 +56,6 @@ def test_a_bias_that_trains_gets_its_gradient():
 
 
 def test_a_lora_model_on_routed_8bit_layers_trains_like_the_16bit_model_of_the_same_weights():
-    from peft import get_peft_model
-    from shomin.tasks.models.loading import lora_config
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -73,19 +71,7 @@ def test_a_lora_model_on_routed_8bit_layers_trains_like_the_16bit_model_of_the_s
             getattr(owner_p, name).bias.data = q.bias.data.clone()
     plain.load_state_dict({k: v for k, v in eight.state_dict().items() if "layers" not in k}, strict=False)
     assert int8_weights.use_weight_only(eight) == 8
-    grads = []
-    for model in (eight, plain):
-        torch.manual_seed(3)
-        peft = get_peft_model(model, lora_config(LoraSettings(r=4, alpha=8, dropout=0.0,
-                                                              target_modules=["query_key_value"])))
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
-        ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(0))
-        out = peft(input_ids=ids, labels=ids)
-        out.loss.backward()
-        grads.append((out.loss.detach(), {n: p.grad for n, p in peft.named_parameters() if p.requires_grad}))
-    (loss_8, g_8), (loss_p, g_p) = grads
+    (loss_8, g_8), (loss_p, g_p) = lora_loss_and_grads(eight), lora_loss_and_grads(plain)
     assert torch.allclose(loss_8, loss_p, rtol=1e-5)
     assert g_8.keys() == g_p.keys() and len(g_8) == 4
     for name in g_8:
