@@ -1,5 +1,6 @@
-"""Frozen 4-bit layers that never hold a whole 16-bit copy of their weight: the
-`ModelSpec.int4_matmul: sliced` lever, for the least memory.
+"""Frozen bitsandbytes 4-bit layers: decode steps through bitsandbytes' fused 4-bit GEMM
+(`ModelSpec.int4_matmul: bitsandbytes`, the default: `use_fused_decode`), and layers that
+never hold a whole 16-bit copy of their weight (`int4_matmul: sliced`: `use_sliced`).
 
 bitsandbytes' `Linear4bit` mostly computes x @ W^T by dequantizing all of W to 16 bits and
 handing it to cuBLAS; its backward dequantizes all of W again for grad_x = grad_y @ W. For
@@ -35,9 +36,10 @@ FUSED_MAX_ROWS = 16
 SLICE_BYTES = 32 << 20
 
 
+@functools.cache
 def _fused_gemm():
     """bitsandbytes' fused 4-bit GEMM (CUDA, bitsandbytes >= 0.50), or None. It is not public API:
-    where it moves, the sliced path (no copy either) takes its place."""
+    where it moves, the callers' other path runs (the slices, or bitsandbytes' own layer)."""
     try:
         from bitsandbytes.backends.cuda.ops import _gemm_4bit_kernel_impl
     except (ImportError, AttributeError):   # a build without CUDA fails inside that module
