@@ -34,6 +34,16 @@ def sharpened(tiny_model: Path, dest: Path, scale: float = 20.0) -> Path:
     return dest
 
 
+def assert_trains_alike(model, reference) -> None:
+    """The same LoRA on both models gives the same loss and the same four LoRA gradients."""
+    import torch
+    (loss, grads), (ref_loss, ref_grads) = lora_loss_and_grads(model), lora_loss_and_grads(reference)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 4
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+
 def lora_loss_and_grads(model, seed: int = 3):
     """A LoRA (r4, on query_key_value) put on `model` with fixed nonzero B, one LM loss on fixed
     ids: (loss, {name: gradient}) of the trainable parameters, to compare two routings of the
