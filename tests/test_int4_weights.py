@@ -2,8 +2,9 @@
 on real bitsandbytes `Linear4bit` layers quantized on the CPU: the result and the input
 gradient equal bitsandbytes' own (its whole dequantized weight), in one slice and in many,
 double-quantized or not, with and without bias; nothing of the input is kept for the
-backward; no slice cuts an absmax block. (The CUDA-only fused path is checked against
-bitsandbytes by `bench/gpu_bnb4_paths.py`.)"""
+backward; no slice cuts an absmax block; a LoRA model on routed layers trains as on
+bitsandbytes' own; the default routing (fused decode) leaves every CPU call to bitsandbytes.
+(The CUDA-only fused path is checked against bitsandbytes by `bench/gpu_bnb4_paths.py`.)"""
 import pytest
 import torch
 from tests.helpers import assert_trains_alike
