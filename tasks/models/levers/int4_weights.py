@@ -37,27 +37,17 @@ SLICE_BYTES = 32 << 20
 
 
 @functools.cache
-def _fused_gemm():
-    """bitsandbytes' fused 4-bit GEMM (CUDA, bitsandbytes >= 0.50), or None. It is not public API:
-    where it moves, the callers' other path runs (the slices, or bitsandbytes' own layer)."""
+def _cuda_kernel(name: str):
+    """A function of bitsandbytes' CUDA backend (>= 0.50), or None. Not public API: where it moves,
+    the caller's other path runs. Used: `_gemm_4bit_kernel_impl`, the fused 4-bit GEMM (else the
+    slices, or bitsandbytes' own layer), and `_dequantize_4bit_impl`, its dequantize without the
+    op dispatcher's Python checks in front (else the public op), which op by op (a CUDA graph's
+    warm-up and capture, the reference pass) would run once per slice."""
     try:
-        from bitsandbytes.backends.cuda.ops import _gemm_4bit_kernel_impl
+        from bitsandbytes.backends.cuda import ops
     except (ImportError, AttributeError):   # a build without CUDA fails inside that module
         return None
-    return _gemm_4bit_kernel_impl
-
-
-@functools.cache
-def _direct_dequantize():
-    """bitsandbytes' CUDA dequantize without the op dispatcher in front of it, or None (not public
-    API: where it moves, the public op is used). Op by op (a CUDA graph's warm-up and capture,
-    and the reference pass) every slice is one call, so the dispatcher's Python checks are
-    skipped once per slice."""
-    try:
-        from bitsandbytes.backends.cuda.ops import _dequantize_4bit_impl
-    except (ImportError, AttributeError):
-        return None
-    return _dequantize_4bit_impl
+    return getattr(ops, name, None)
 
 
 class Weight4bit:
@@ -91,7 +81,7 @@ class Weight4bit:
         s = self.state
         first, last = a * self.cols // s.blocksize, -(-b * self.cols // s.blocksize)
         packed = self.packed[a * self.cols // 2: -(-b * self.cols // 2)]
-        direct = _direct_dequantize() if packed.is_cuda else None
+        direct = _cuda_kernel("_dequantize_4bit_impl") if packed.is_cuda else None
         if direct is None:
             return torch.ops.bitsandbytes.dequantize_4bit(packed, absmax[first:last], s.blocksize, s.quant_type,
                                                           [b - a, self.cols], dtype)
@@ -103,7 +93,7 @@ class Weight4bit:
         s = self.state
         if not x2d.is_cuda or x2d.shape[0] > FUSED_MAX_ROWS or self.cols % s.blocksize:
             return None
-        gemm = _fused_gemm()
+        gemm = _cuda_kernel("_gemm_4bit_kernel_impl")
         if gemm is None:
             return None
         if self.nested:
@@ -159,15 +149,17 @@ class Int4WeightLinear(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 
-def _forward(self, x: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' Linear4bit contract: compute in compute_dtype, the bias follows it, the
-    result comes back in the input's dtype."""
-    in_dtype = x.dtype
-    if self.compute_dtype is not None:
-        x = x.to(self.compute_dtype)
+def _in_compute_dtype(self, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' Linear4bit contract: compute in compute_dtype and the bias follows it (the
+    caller returns the result in the input's dtype)."""
+    x = x.to(self.compute_dtype or x.dtype)
     if self.bias is not None and self.bias.dtype != x.dtype:
         self.bias.data = self.bias.data.to(x.dtype)
-    return Int4WeightLinear.apply(x, self._shomin_weight4bit, self.bias).to(in_dtype)
+    return x
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    return Int4WeightLinear.apply(_in_compute_dtype(self, x), self._shomin_weight4bit, self.bias).to(x.dtype)
 
 
 def use_sliced(model) -> int:
@@ -189,10 +181,7 @@ def _decode_forward(self, x: torch.Tensor) -> torch.Tensor:
     through its fused GEMM whatever the shape."""
     rows = x.numel() // x.shape[-1]
     if x.is_cuda and rows <= FUSED_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad):
-        dtype = self.compute_dtype or x.dtype
-        if self.bias is not None and self.bias.dtype != dtype:   # as bitsandbytes does: the bias follows
-            self.bias.data = self.bias.data.to(dtype)
-        y = self._shomin_weight4bit.fused(x.reshape(rows, x.shape[-1]).to(dtype), self.bias)
+        y = self._shomin_weight4bit.fused(_in_compute_dtype(self, x).reshape(rows, x.shape[-1]), self.bias)
         if y is not None:
             return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
     return self._shomin_bnb_forward(x)
