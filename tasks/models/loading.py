@@ -93,7 +93,10 @@ def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization:
         use_weight_only(model)
     if quantization == "4bit":
         from shomin.tasks.models.levers.int4_weights import use_fused_decode, use_sliced
-        (use_sliced if spec.int4_matmul == "sliced" else use_fused_decode)(model)
+        if spec.int4_matmul == "bitsandbytes":
+            use_fused_decode(model)
+        else:
+            use_sliced(model, tiled=spec.int4_matmul == "triton")
     return model
 
 

@@ -37,6 +37,16 @@ SLICE_BYTES = 32 << 20
 
 
 @functools.cache
+def _triton_gemm():
+    """levers/int4_kernel.py where Triton is installed (CUDA builds of torch), else None."""
+    try:
+        from shomin.tasks.models.levers import int4_kernel
+    except ImportError:
+        return None
+    return int4_kernel
+
+
+@functools.cache
 def _cuda_kernel(name: str):
     """A function of bitsandbytes' CUDA backend (>= 0.50), or None. Not public API: where it moves,
     the caller's other path runs. Used: `_gemm_4bit_kernel_impl`, the fused 4-bit GEMM (else the
@@ -53,8 +63,9 @@ def _cuda_kernel(name: str):
 class Weight4bit:
     """One frozen bitsandbytes 4-bit weight as stored, read once when the layer is routed."""
 
-    def __init__(self, param):
+    def __init__(self, param, tiled: bool = False):
         state = param.quant_state
+        self.tiled = tiled   # the Triton GEMM (int4_kernel.py) above FUSED_MAX_ROWS where it runs
         self.packed, self.state = param.data.view(-1), state
         self.rows, self.cols = (int(d) for d in state.shape)
         self.nested = bool(state.nested)
@@ -101,11 +112,23 @@ class Weight4bit:
                         absmax_8bit=s.absmax, absmax_code=s.state2.code, absmax_offset=s.offset)
         return gemm(x2d, self.packed.view(-1, 1), s.shape, s.absmax, s.blocksize, s.quant_type, bias)
 
+    def tiled_gemm(self, x2d: torch.Tensor):
+        """int4_kernel.py where this weight is routed to it and it runs for x2d, else None."""
+        if not (self.tiled and x2d.is_cuda and x2d.dtype in (torch.float16, torch.bfloat16)):
+            return None
+        gemm = _triton_gemm()
+        return gemm if gemm is not None and gemm.supported(self.cols, self.state.blocksize) else None
+
     def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x2d @ W^T + bias."""
         y = self.fused(x2d, bias)
         if y is not None:
             return y
+        gemm = self.tiled_gemm(x2d)
+        if gemm is not None:
+            s = self.state
+            return gemm.matmul(x2d, self.packed, self.absmax(), s.code, (self.rows, self.cols), s.blocksize, bias,
+                               transposed=False)
         # W's row slices against x^T: each GEMM writes a contiguous block of y^T
         out_t = torch.empty((self.rows, x2d.shape[0]), dtype=x2d.dtype, device=x2d.device)
         absmax = self.absmax()
@@ -116,6 +139,11 @@ class Weight4bit:
 
     def grad_input(self, grad2d: torch.Tensor) -> torch.Tensor:
         """grad2d @ W, summed over W's row slices in float32."""
+        gemm = self.tiled_gemm(grad2d)
+        if gemm is not None:
+            s = self.state
+            return gemm.matmul(grad2d, self.packed, self.absmax(), s.code, (self.rows, self.cols), s.blocksize, None,
+                               transposed=True)
         acc, absmax = None, self.absmax()
         for a, b in self.slices(grad2d.element_size()):
             part, g = self.dequantized(a, b, grad2d.dtype, absmax), grad2d[:, a:b]
@@ -162,14 +190,15 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return Int4WeightLinear.apply(_in_compute_dtype(self, x), self._shomin_weight4bit, self.bias).to(x.dtype)
 
 
-def use_sliced(model) -> int:
-    """Route every frozen bitsandbytes 4-bit linear of `model` through Int4WeightLinear; returns how many."""
+def use_sliced(model, tiled: bool = False) -> int:
+    """Route every frozen bitsandbytes 4-bit linear of `model` through Int4WeightLinear; returns how many.
+    `tiled`: above FUSED_MAX_ROWS the Triton GEMM where it runs, instead of the slices."""
     import bitsandbytes as bnb
     n = 0
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit) or module.weight.requires_grad:
             continue
-        module._shomin_weight4bit = Weight4bit(module.weight)
+        module._shomin_weight4bit = Weight4bit(module.weight, tiled)
         target = "_old_forward" if hasattr(module, "_old_forward") else "forward"
         setattr(module, target, types.MethodType(_forward, module))
         n += 1
