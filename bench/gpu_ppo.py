@@ -7,7 +7,7 @@ Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointin
   checkpointing: stages.ppo.gradient_checkpointing on;  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
   own 8-bit matmul, as the seed ran) instead of the default weight_only;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
-  BENCH_INT4=sliced: 4-bit layers with no whole 16-bit weight copy (model.int4_matmul), instead of the default bitsandbytes
+  BENCH_INT4=sliced|triton: 4-bit layers with no whole 16-bit weight copy (model.int4_matmul), instead of the default bitsandbytes
   under `accelerate launch`: data parallel, QUERIES per process (bench/gpu_ppo_multi.sh)
   BENCH_POOLS=1: where the reserved memory sits (the default pool or a CUDA graph's private one; reserved and
     allocated GiB of each) at three points of the first two steps (pools_by_phase): "pools" in the line

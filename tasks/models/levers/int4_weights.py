@@ -1,6 +1,6 @@
 """Frozen bitsandbytes 4-bit layers: decode steps through bitsandbytes' fused 4-bit GEMM
 (`ModelSpec.int4_matmul: bitsandbytes`, the default: `use_fused_decode`), and layers that
-never hold a whole 16-bit copy of their weight (`int4_matmul: sliced`: `use_sliced`).
+never hold a whole 16-bit copy of their weight (`int4_matmul: sliced` or `triton`: `use_sliced`).
 
 bitsandbytes' `Linear4bit` mostly computes x @ W^T by dequantizing all of W to 16 bits and
 handing it to cuBLAS; its backward dequantizes all of W again for grad_x = grad_y @ W. For
@@ -18,6 +18,10 @@ itself 8-bit under double quantization) are used two ways, both bitsandbytes' ow
   over slices in float32 (as one GEMM would). At 96 rows that is slower than the whole copy
   (3.05 against 2.01 ms a layer for a replayed forward and backward: the slices' GEMMs are
   thin and many), hence not the default; it is the least memory (README, "Benchmarks").
+- `int4_matmul: triton`: from FUSED_MAX_ROWS to TILED_MAX_ROWS rows, levers/int4_kernel.py's
+  Triton GEMM, which decodes each tile of the stored codes in registers: no copy and no slices,
+  at about the copy's speed (2.05 against 2.00 ms for a replayed forward and backward of a 20B
+  layer at 96 rows). Elsewhere (other row counts, no Triton, not CUDA) as `sliced`.
 
 The weight is frozen, so nothing of the input is kept for the backward. Each weight is formed
 in float32 and rounded once to the compute dtype, as bitsandbytes does.
@@ -34,6 +38,10 @@ FUSED_MAX_ROWS = 16
 # Smaller slices are thinner, slower GEMMs (16 MiB measured slower than 32; 64 and 128 MiB
 # faster but a larger transient: bench/gpu_bnb4_paths.py, README).
 SLICE_BYTES = 32 << 20
+# The Triton GEMM (`int4_matmul: triton`) decodes all of W once per 128 rows: at 96 rows it beats
+# bitsandbytes' copy (0.79 against 0.93 ms a 20B layer forward), at 384 it is 1.8x slower, where the
+# slices' GEMMs are no longer thin (bench/gpu_bnb4_paths.py kernel).
+TILED_MAX_ROWS = 256
 
 
 @functools.cache
@@ -114,7 +122,8 @@ class Weight4bit:
 
     def tiled_gemm(self, x2d: torch.Tensor):
         """int4_kernel.py where this weight is routed to it and it runs for x2d, else None."""
-        if not (self.tiled and x2d.is_cuda and x2d.dtype in (torch.float16, torch.bfloat16)):
+        if not (self.tiled and x2d.is_cuda and x2d.dtype in (torch.float16, torch.bfloat16)
+                and x2d.shape[0] <= TILED_MAX_ROWS):
             return None
         gemm = _triton_gemm()
         return gemm if gemm is not None and gemm.supported(self.cols, self.state.blocksize) else None
