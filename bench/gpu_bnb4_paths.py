@@ -47,19 +47,26 @@ def timed(fn, reps=50) -> float:
     return round(start.elapsed_time(end) / reps, 4)
 
 
-def main():
+def bf16_layer(n: int, k: int):
+    """A double-quantized bitsandbytes 4-bit layer made in bf16, the arguments of its CUDA GEMMs,
+    its float32 absmax per block and its dequantized weight."""
     import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                            compress_statistics=True).to(torch.bfloat16).cuda()
+    w, qs = lin.weight, lin.weight.quant_state
+    args = (w.data.view(-1, 1), qs.shape, qs.state2.absmax, qs.blocksize, qs.quant_type)
+    kw = dict(absmax_8bit=qs.absmax, absmax_code=qs.state2.code, absmax_offset=qs.offset)
+    absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    return lin, w, qs, args, kw, absmax, bnbf.dequantize_4bit(w.data, qs).to(torch.bfloat16)
+
+
+def main():
     import bitsandbytes.functional as bnbf
     from bitsandbytes.backends.cuda import ops as cuda_ops
     torch.manual_seed(0)
     for name, (n, k) in SHAPES.items():
-        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                                compress_statistics=True).to(torch.bfloat16).cuda()
-        w, qs = lin.weight, lin.weight.quant_state
-        args = (w.data.view(-1, 1), qs.shape, qs.state2.absmax, qs.blocksize, qs.quant_type)
-        kw = dict(absmax_8bit=qs.absmax, absmax_code=qs.state2.code, absmax_offset=qs.offset)
-        absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-        dense = bnbf.dequantize_4bit(w.data, qs).to(torch.bfloat16)
+        lin, w, qs, args, kw, absmax, dense = bf16_layer(n, k)
         for m in (16, 96):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
@@ -234,7 +241,6 @@ def kernel_sweep():
     import itertools
     import sys
 
-    import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
     from bitsandbytes.backends.cuda import ops as cuda_ops
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
@@ -243,13 +249,7 @@ def kernel_sweep():
     torch.manual_seed(0)
     rel = lambda a, b: round(((a.float() - b.float()).norm() / b.float().norm()).item(), 5)  # noqa: E731
     for name, (n, k) in SHAPES.items():
-        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                                compress_statistics=True).to(torch.bfloat16).cuda()
-        w, qs = lin.weight, lin.weight.quant_state
-        args = (w.data.view(-1, 1), qs.shape, qs.state2.absmax, qs.blocksize, qs.quant_type)
-        kw = dict(absmax_8bit=qs.absmax, absmax_code=qs.state2.code, absmax_offset=qs.offset)
-        absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-        dense = bnbf.dequantize_4bit(w.data, qs).to(torch.bfloat16)
+        lin, w, qs, args, kw, absmax, dense = bf16_layer(n, k)
         packed = w.data.view(-1)
         for m in (96, 384):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -14,11 +14,11 @@ bitsandbytes' dequantize (tests/test_int4_weights.py); bench/gpu_bnb4_paths.py t
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from shomin.tasks.models.levers.int8_kernel import _sm_count   # the other Triton GEMM's, cached per device
 
 
 @triton.jit
@@ -83,11 +83,6 @@ def _nf4_matmul(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, c_ptr, M, N, 
             acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         tl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def blocks(m: int, n: int, qblock: int, transposed: bool) -> dict:
