@@ -10,7 +10,7 @@ rounded once to the activations' dtype) and fed to the tensor cores; products ac
 float32, so the result is the copy path's up to summation order.
 
 Imported only where Triton is. CI checks the indexing in Triton's interpreter against
-bitsandbytes' dequantize (tests/test_int4_weights.py); bench/gpu_bnb4_paths.py times it.
+bitsandbytes' dequantize (tests/test_int4_kernel.py); bench/gpu_bnb4_paths.py times it.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def matmul(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: to
     else:   # A's even and odd columns, each contiguous: [2, M, cols / 2] (a copy of the activations, not of W)
         n, k, split = rows, cols // 2, 1
         k_per_split = k
-        a = a.view(m, k, 2).permute(2, 0, 1).contiguous()
+        a = a.reshape(m, k, 2).permute(2, 0, 1).contiguous()
         stride_ah = a.stride(0)
         c = torch.empty((1, m, rows), dtype=a.dtype, device=a.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
