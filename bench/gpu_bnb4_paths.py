@@ -257,8 +257,6 @@ def kernel_sweep():
             line = {"layer": name, "shape": [n, k], "rows": m,
                     "bnb_fwd_copy_ms": timed(lambda: cuda_ops._dequant_linear_fallback(x, *args, None, **kw)),
                     "bnb_grad_copy_ms": timed(lambda: g @ bnbf.dequantize_4bit(w.data, qs).to(torch.bfloat16))}
-            if m <= 16:
-                line["bnb_fwd_fused_ms"] = timed(lambda: cuda_ops._gemm_4bit_kernel_impl(x, *args, None, **kw))
             for transposed, a, ref in ((False, x, x @ dense.t()), (True, g, g @ dense)):
                 tag = "grad" if transposed else "fwd"
                 run = lambda cfg=None: int4_kernel.matmul(a, packed, absmax, qs.code, (n, k), 64, None,  # noqa: E731
@@ -271,7 +269,7 @@ def kernel_sweep():
                 if "sweep" not in sys.argv:
                     continue
                 best = (1e9, None)
-                bms = [16] if m <= 16 else [64, 128]
+                bms = [64, 128]
                 # in bytes of W where the block runs along its rows: at most half an absmax block
                 bns = [16, 32] if transposed else [64, 128, 256]
                 bks = [32, 64, 128] if transposed else [16, 32]

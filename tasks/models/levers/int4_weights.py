@@ -7,7 +7,8 @@ handing it to cuBLAS; its backward dequantizes all of W again for grad_x = grad_
 one MLP matrix of a 20B model that copy is 302 MB, and it sits on top of whatever else is
 alive: with a PPO policy on a 4-bit 20B base it was a quarter of the stage's memory above
 its weights. Here the same stored weights (4-bit codes, one absmax per block, the absmax
-itself 8-bit under double quantization) are used two ways, both bitsandbytes' own kernels:
+itself 8-bit under double quantization) are used three ways, the first two with bitsandbytes'
+own kernels:
 
 - up to FUSED_MAX_ROWS rows (a rollout's decode step), bitsandbytes' fused 4-bit GEMM,
   which decodes the codes in registers. bitsandbytes' dispatcher picks it only for some
@@ -39,8 +40,9 @@ FUSED_MAX_ROWS = 16
 # faster but a larger transient: bench/gpu_bnb4_paths.py, README).
 SLICE_BYTES = 32 << 20
 # The Triton GEMM (`int4_matmul: triton`) decodes all of W once per 128 rows: at 96 rows it beats
-# bitsandbytes' copy (0.79 against 0.93 ms a 20B layer forward), at 384 it is 1.8x slower, where the
-# slices' GEMMs are no longer thin (bench/gpu_bnb4_paths.py kernel).
+# bitsandbytes' copy (0.79 against 0.93 ms a 20B layer forward), at 384 it is 1.8x slower
+# (bench/gpu_bnb4_paths.py kernel). Handing more rows (the rollout's scoring passes) to the slices
+# took the 20B PPO step from 3.74 to 3.66 s (one run each; README, Benchmarks).
 TILED_MAX_ROWS = 256
 
 
@@ -120,24 +122,25 @@ class Weight4bit:
                         absmax_8bit=s.absmax, absmax_code=s.state2.code, absmax_offset=s.offset)
         return gemm(x2d, self.packed.view(-1, 1), s.shape, s.absmax, s.blocksize, s.quant_type, bias)
 
-    def tiled_gemm(self, x2d: torch.Tensor):
-        """int4_kernel.py where this weight is routed to it and it runs for x2d, else None."""
-        if not (self.tiled and x2d.is_cuda and x2d.dtype in (torch.float16, torch.bfloat16)
-                and x2d.shape[0] <= TILED_MAX_ROWS):
+    def tiled_product(self, a2d: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor | None:
+        """a2d @ W^T + bias (or, transposed, a2d @ W) through int4_kernel.py where this weight is routed
+        to it and it runs for a2d, else None."""
+        if not (self.tiled and a2d.is_cuda and a2d.dtype in (torch.float16, torch.bfloat16)
+                and a2d.shape[0] <= TILED_MAX_ROWS):
             return None
-        gemm = _triton_gemm()
-        return gemm if gemm is not None and gemm.supported(self.cols, self.state.blocksize) else None
+        gemm, s = _triton_gemm(), self.state
+        if gemm is None or not gemm.supported(self.cols, s.blocksize):
+            return None
+        return gemm.matmul(a2d, self.packed, self.absmax(), s.code, (self.rows, self.cols), s.blocksize, bias,
+                           transposed=transposed)
 
     def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x2d @ W^T + bias."""
         y = self.fused(x2d, bias)
+        if y is None:
+            y = self.tiled_product(x2d, bias, transposed=False)
         if y is not None:
             return y
-        gemm = self.tiled_gemm(x2d)
-        if gemm is not None:
-            s = self.state
-            return gemm.matmul(x2d, self.packed, self.absmax(), s.code, (self.rows, self.cols), s.blocksize, bias,
-                               transposed=False)
         # W's row slices against x^T: each GEMM writes a contiguous block of y^T
         out_t = torch.empty((self.rows, x2d.shape[0]), dtype=x2d.dtype, device=x2d.device)
         absmax = self.absmax()
@@ -147,12 +150,10 @@ class Weight4bit:
         return y if bias is None else y.add_(bias)
 
     def grad_input(self, grad2d: torch.Tensor) -> torch.Tensor:
-        """grad2d @ W, summed over W's row slices in float32."""
-        gemm = self.tiled_gemm(grad2d)
-        if gemm is not None:
-            s = self.state
-            return gemm.matmul(grad2d, self.packed, self.absmax(), s.code, (self.rows, self.cols), s.blocksize, None,
-                               transposed=True)
+        """grad2d @ W: the Triton GEMM where routed to it, else summed over W's row slices in float32."""
+        grad_x = self.tiled_product(grad2d, None, transposed=True)
+        if grad_x is not None:
+            return grad_x
         acc, absmax = None, self.absmax()
         for a, b in self.slices(grad2d.element_size()):
             part, g = self.dequantized(a, b, grad2d.dtype, absmax), grad2d[:, a:b]
