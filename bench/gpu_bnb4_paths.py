@@ -245,27 +245,28 @@ def kernel_sweep():
     from bitsandbytes.backends.cuda import ops as cuda_ops
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     import checkout  # noqa: F401 - shomin from this checkout
-    from shomin.tasks.models.levers import int4_kernel
+    from shomin.tasks.models.levers import int4_kernel, int4_lookup
     torch.manual_seed(0)
     rel = lambda a, b: round(((a.float() - b.float()).norm() / b.float().norm()).item(), 5)  # noqa: E731
     for name, (n, k) in SHAPES.items():
         lin, w, qs, args, kw, absmax, dense = bf16_layer(n, k)
-        packed = w.data.view(-1)
-        for m in (96, 384):
+        packed, lookup = w.data.view(-1), int4_lookup.ptx(tuple(qs.code.tolist()))
+        for m in (16, 96, 256, 384):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
             line = {"layer": name, "shape": [n, k], "rows": m,
                     "bnb_fwd_copy_ms": timed(lambda: cuda_ops._dequant_linear_fallback(x, *args, None, **kw)),
-                    "bnb_grad_copy_ms": timed(lambda: g @ bnbf.dequantize_4bit(w.data, qs).to(torch.bfloat16))}
+                    "bnb_grad_copy_ms": timed(lambda: g @ bnbf.dequantize_4bit(w.data, qs).to(torch.bfloat16)),
+                    "bnb_fwd_fused_ms": timed(lambda: cuda_ops._gemm_4bit_kernel_impl(x, *args, None, **kw))}
             for transposed, a, ref in ((False, x, x @ dense.t()), (True, g, g @ dense)):
                 tag = "grad" if transposed else "fwd"
                 run = lambda cfg=None: int4_kernel.matmul(a, packed, absmax, qs.code, (n, k), 64, None,  # noqa: E731
-                                                          transposed, cfg)
+                                                          transposed, cfg, lookup=lookup)
                 line[f"triton_{tag}_err"] = rel(run(), ref)
                 line[f"triton_{tag}_ms"] = timed(run)
                 line[f"triton_{tag}_with_absmax_ms"] = timed(
                     lambda: int4_kernel.matmul(a, packed, bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset,
-                                               qs.code, (n, k), 64, None, transposed))
+                                               qs.code, (n, k), 64, None, transposed, lookup=lookup))
                 if "sweep" not in sys.argv:
                     continue
                 best = (1e9, None)

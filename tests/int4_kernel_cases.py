@@ -39,6 +39,8 @@ if __name__ == "__main__":
             tag = f"{str(dtype)[6:]}-{'nested' if nested else 'plain'}"
             results[f"forward-{tag}"] = case(200, 320, nested, dtype, False, False)
             results[f"forward-bias-{tag}"] = case(200, 320, nested, dtype, True, False)
+            results[f"forward-split3-{tag}"] = case(200, 320, nested, dtype, False, False, split=3)
+            results[f"forward-bias-split3-{tag}"] = case(200, 320, nested, dtype, True, False, split=3)
             results[f"gradient-{tag}"] = case(200, 320, nested, dtype, False, True, split=1)
             results[f"gradient-split3-{tag}"] = case(200, 320, nested, dtype, False, True, split=3)
     print(json.dumps(results))

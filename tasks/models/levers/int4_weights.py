@@ -19,10 +19,11 @@ own kernels:
   over slices in float32 (as one GEMM would). At 96 rows that is slower than the whole copy
   (3.05 against 2.01 ms a layer for a replayed forward and backward: the slices' GEMMs are
   thin and many), hence not the default; it is the least memory (README, "Benchmarks").
-- `int4_matmul: triton`: from FUSED_MAX_ROWS to TILED_MAX_ROWS rows, levers/int4_kernel.py's
-  Triton GEMM, which decodes each tile of the stored codes in registers: no copy and no slices,
-  at about the copy's speed (2.05 against 2.00 ms for a replayed forward and backward of a 20B
-  layer at 96 rows). Elsewhere (other row counts, no Triton, not CUDA) as `sliced`.
+- `int4_matmul: triton`: up to TILED_MAX_ROWS rows, levers/int4_kernel.py's Triton GEMMs,
+  which decode each tile of the stored codes in registers: no copy and no slices, and faster
+  than both of bitsandbytes' ways on the 20B shapes (a replayed forward and backward of a layer
+  at 96 rows 1.61 against 2.01 ms; a decode step's four matrices at 16 rows 0.40 against the
+  fused GEMM's 0.63 ms). Elsewhere (more rows, no Triton, not CUDA) as `sliced`.
 
 The weight is frozen, so nothing of the input is kept for the backward. Each weight is formed
 in float32 and rounded once to the compute dtype, as bitsandbytes does.
@@ -35,14 +36,16 @@ import types
 
 import torch
 
+from shomin.tasks.models.levers import int4_lookup
+
 FUSED_MAX_ROWS = 16
 # Smaller slices are thinner, slower GEMMs (16 MiB measured slower than 32; 64 and 128 MiB
 # faster but a larger transient: bench/gpu_bnb4_paths.py, README).
 SLICE_BYTES = 32 << 20
-# The Triton GEMM (`int4_matmul: triton`) decodes all of W once per 128 rows: at 96 rows it beats
-# bitsandbytes' copy (0.79 against 0.93 ms a 20B layer forward), at 384 it is 1.8x slower
-# (bench/gpu_bnb4_paths.py kernel). Handing more rows (the rollout's scoring passes) to the slices
-# took the 20B PPO step from 3.74 to 3.66 s (one run each; README, Benchmarks).
+# The Triton GEMMs (`int4_matmul: triton`) decode all of W once per 128 rows: at 96 rows they beat
+# bitsandbytes' copy (forward 0.55 against 0.93 ms a 20B layer, input gradient 0.79 against 0.92),
+# at 256 they are about even with it and at 384 1.4x (forward) to 1.8x (gradient) slower
+# (bench/gpu_bnb4_paths.py kernel), so more rows (the rollout's scoring passes) go to the slices.
 TILED_MAX_ROWS = 256
 
 
@@ -77,6 +80,8 @@ class Weight4bit:
         state = param.quant_state
         self.tiled = tiled   # the Triton GEMM (int4_kernel.py) above FUSED_MAX_ROWS where it runs
         self.packed, self.state = param.data.view(-1), state
+        # its elementwise code lookup, made here: reading the table later would sync inside a CUDA graph
+        self.lookup = int4_lookup.ptx(tuple(state.code.tolist())) if tiled and self.packed.is_cuda else ("", "")
         self.rows, self.cols = (int(d) for d in state.shape)
         self.nested = bool(state.nested)
         # a slice must start on an absmax block
@@ -132,13 +137,13 @@ class Weight4bit:
         if gemm is None or not gemm.supported(self.cols, s.blocksize):
             return None
         return gemm.matmul(a2d, self.packed, self.absmax(), s.code, (self.rows, self.cols), s.blocksize, bias,
-                           transposed=transposed)
+                           transposed=transposed, lookup=self.lookup)
 
     def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x2d @ W^T + bias."""
-        y = self.fused(x2d, bias)
+        y = self.tiled_product(x2d, bias, transposed=False)
         if y is None:
-            y = self.tiled_product(x2d, bias, transposed=False)
+            y = self.fused(x2d, bias)
         if y is not None:
             return y
         # W's row slices against x^T: each GEMM writes a contiguous block of y^T
