@@ -14,8 +14,7 @@ was quantized from (in float32 its backward's copy is twice the bytes).
 when it is read again, as in a model), bitsandbytes' own (its dispatcher's forward, its
 backward's whole dequantize) against shomin's `int4_matmul: sliced` (levers/int4_weights.py).
 `kernel`: shomin's Triton 4-bit GEMM (levers/int4_kernel.py, `int4_matmul: triton`) against
-bitsandbytes' copy path and fused GEMM, forward and input gradient, at 16, 96, 256 and 384 rows
-(its absmax given in float32, and double-quantized as stored, as the layer runs it),
+bitsandbytes' copy path and fused GEMM, forward and input gradient, at 16, 96 and 384 rows,
 with its error against the dense product and a sweep of launch shapes (the best is printed
 beside the heuristic's).
 Usage: python bench/gpu_bnb4_paths.py [layers|autograd|kernel [sweep]]
@@ -265,13 +264,9 @@ def kernel_sweep():
                                                           transposed, cfg, lookup=lookup)
                 line[f"triton_{tag}_err"] = rel(run(), ref)
                 line[f"triton_{tag}_ms"] = timed(run)
-                # as the layer runs it: the double-quantized absmax decoded in the kernel
-                nested = int4_kernel.NestedAbsmax(qs.absmax, qs.state2.code, qs.state2.absmax, qs.state2.blocksize,
-                                                  qs.offset.float().reshape(1))
-                run_nested = lambda: int4_kernel.matmul(a, packed, nested, qs.code, (n, k), 64, None,  # noqa: E731
-                                                        transposed, lookup=lookup)
-                line[f"triton_{tag}_nested_err"] = rel(run_nested(), ref)
-                line[f"triton_{tag}_nested_ms"] = timed(run_nested)
+                line[f"triton_{tag}_with_absmax_ms"] = timed(
+                    lambda: int4_kernel.matmul(a, packed, bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset,
+                                               qs.code, (n, k), 64, None, transposed, lookup=lookup))
                 if "sweep" not in sys.argv:
                     continue
                 best = (1e9, None)

@@ -20,13 +20,8 @@ def stored(rows: int, cols: int, nested: bool, dtype):
     return param.data.view(-1), absmax, state, bnbf.dequantize_4bit(param.data, state).to(dtype)
 
 
-def case(rows, cols, nested, dtype, bias, transposed, split=None, in_kernel=False):
-    """in_kernel: the double-quantized absmax handed over as stored, decoded by the kernel."""
+def case(rows, cols, nested, dtype, bias, transposed, split=None):
     packed, absmax, state, dense = stored(rows, cols, nested, dtype)
-    if in_kernel:
-        inner = state.state2
-        absmax = int4_kernel.NestedAbsmax(state.absmax, inner.code, inner.absmax, inner.blocksize,
-                                          torch.as_tensor(state.offset, dtype=torch.float32).reshape(1))
     torch.manual_seed(1)
     a = torch.randn(7, rows if transposed else cols, dtype=dtype)
     b = torch.randn(rows, dtype=dtype) if bias else None
@@ -48,10 +43,4 @@ if __name__ == "__main__":
             results[f"forward-bias-split3-{tag}"] = case(200, 320, nested, dtype, True, False, split=3)
             results[f"gradient-{tag}"] = case(200, 320, nested, dtype, False, True, split=1)
             results[f"gradient-split3-{tag}"] = case(200, 320, nested, dtype, False, True, split=3)
-            if nested:
-                results[f"forward-bias-kernel-absmax-{tag}"] = case(200, 320, True, dtype, True, False, in_kernel=True)
-                results[f"forward-split3-kernel-absmax-{tag}"] = case(200, 320, True, dtype, False, False, split=3,
-                                                                      in_kernel=True)
-                results[f"gradient-split3-kernel-absmax-{tag}"] = case(200, 320, True, dtype, False, True, split=3,
-                                                                       in_kernel=True)
     print(json.dumps(results))

@@ -20,23 +20,11 @@ instructions (tests/test_int4_lookup.py); bench/gpu_bnb4_paths.py times it on a 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from shomin.tasks.models.levers.int8_kernel import _sm_count   # the other Triton GEMM's, cached per device
-
-
-class NestedAbsmax(NamedTuple):
-    """bitsandbytes' double quantization of the absmax (`quant_state.absmax` 8-bit codes, its
-    `state2` and `offset`), decoded in the kernel: no float32 copy of every block's absmax per call."""
-    codes: torch.Tensor     # uint8, one per 4-bit block
-    code: torch.Tensor      # float32 [256], state2.code
-    absmax: torch.Tensor    # float32, one per `blocksize` codes
-    blocksize: int
-    offset: torch.Tensor    # float32 scalar, on the device
 
 
 @triton.jit
@@ -54,24 +42,9 @@ def _decoded(byte, code_ptr, scale, dtype: tl.constexpr, PTX_HI: tl.constexpr, P
 
 
 @triton.jit
-def _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, live, NESTED: tl.constexpr, QBLOCK2: tl.constexpr):
-    """The float32 absmax of each 4-bit block; under double quantization formed as bitsandbytes'
-    blockwise dequantize + offset forms it: code2[q] * absmax2[block // QBLOCK2] + offset."""
-    if NESTED:
-        q = tl.load(absmax_ptr + block, mask=live, other=0).to(tl.int32)
-        outer = tl.load(code2_ptr + q, mask=live, other=0.0) * tl.load(absmax2_ptr + block // QBLOCK2, mask=live,
-                                                                       other=0.0)
-        absmax = outer + tl.load(offset_ptr + block * 0)   # a vector load: a splat stops Triton hoisting the decode
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=live, other=0.0)
-    return absmax
-
-
-@triton.jit
-def _forward(a_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, bias_ptr, c_ptr,
-             M, N, K, cols, stride_ah, stride_am, stride_cm, stride_cs, k_per_split,
-             HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr,
-             PTX_HI: tl.constexpr, PTX_LO: tl.constexpr,
+def _forward(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, c_ptr, M, N, K, cols,
+             stride_ah, stride_am, stride_cm, stride_cs, k_per_split,
+             HAS_BIAS: tl.constexpr, QBLOCK: tl.constexpr, PTX_HI: tl.constexpr, PTX_LO: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C = A @ W^T (+ bias), with W [N rows, cols] stored row-major as 4-bit codes two to a byte
     (even column in the high nibble), one absmax per QBLOCK codes. Computed as C^T = W @ A^T.
@@ -91,8 +64,7 @@ def _forward(a_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, 
         a_live = (rm[None, :] < M) & (rk[:, None] < K)
         byte = tl.load(packed_ptr + rn[:, None] * (cols // 2) + rk[None, :],
                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
-        scale = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (rn * cols + k0 * 2) // QBLOCK, rn < N,
-                        NESTED, QBLOCK2)
+        scale = tl.load(absmax_ptr + (rn * cols + k0 * 2) // QBLOCK, mask=rn < N, other=0.0)
         even, odd = _decoded(byte, code_ptr, scale[:, None], a_ptr.dtype.element_ty, PTX_HI, PTX_LO)
         acc += tl.dot(even, tl.load(at, mask=a_live, other=0.0))
         acc += tl.dot(odd, tl.load(at + stride_ah, mask=a_live, other=0.0))
@@ -103,10 +75,8 @@ def _forward(a_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, 
 
 
 @triton.jit
-def _gradient(a_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, c_ptr,
-              M, N, K, cols, stride_am, stride_cm, stride_cs, k_per_split,
-              QBLOCK: tl.constexpr, NESTED: tl.constexpr, QBLOCK2: tl.constexpr,
-              PTX_HI: tl.constexpr, PTX_LO: tl.constexpr,
+def _gradient(a_ptr, packed_ptr, absmax_ptr, code_ptr, c_ptr, M, N, K, cols, stride_am, stride_cm, stride_cs,
+              k_per_split, QBLOCK: tl.constexpr, PTX_HI: tl.constexpr, PTX_LO: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C = A @ W, W as in _forward with K rows; rn: byte columns of W (N = cols / 2, two output
     columns each). One accumulator per parity, stored with a stride of two. BLOCK_N bytes stay
@@ -124,8 +94,7 @@ def _gradient(a_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr,
                     other=0.0)
         byte = tl.load(packed_ptr + rk[:, None] * (cols // 2) + rn[None, :],
                        mask=(rk[:, None] < K) & (rn[None, :] < N), other=0)
-        scale = _absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (rk * cols + pid_n * BLOCK_N * 2) // QBLOCK,
-                        rk < K, NESTED, QBLOCK2)
+        scale = tl.load(absmax_ptr + (rk * cols + pid_n * BLOCK_N * 2) // QBLOCK, mask=rk < K, other=0.0)
         even, odd = _decoded(byte, code_ptr, scale[:, None], a.dtype, PTX_HI, PTX_LO)
         acc += tl.dot(a, even)
         acc_odd += tl.dot(a, odd)
@@ -172,13 +141,12 @@ def supported(cols: int, qblock: int) -> bool:
     return cols % qblock == 0 and qblock >= 32
 
 
-def matmul(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor | NestedAbsmax, code: torch.Tensor,
+def matmul(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
            shape: tuple[int, int], qblock: int, bias: torch.Tensor | None, transposed: bool,
            config: dict | None = None, split: int | None = None, lookup: tuple[str, str] = ("", "")) -> torch.Tensor:
     """a [M, cols] @ W^T (+ bias) when not transposed (the forward; W [rows, cols]);
     a [M, rows] @ W when transposed (the input's gradient). The reduction goes in `split` parts
-    (by default forward_splits() / splits()). `absmax`: float32, one per block, or their double
-    quantization as bitsandbytes stores it; `lookup`:
+    (by default forward_splits() / splits()). `absmax` is float32, one per block; `lookup`:
     levers/int4_lookup.ptx(code) on a GPU, empty under Triton's interpreter."""
     rows, cols = shape
     m = a.shape[0]
@@ -196,17 +164,15 @@ def matmul(a: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor | NestedA
     split = triton.cdiv(k, k_per_split)
     c = torch.empty((split, m, width), dtype=torch.float32 if split > 1 else a.dtype, device=a.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
-    nested = isinstance(absmax, NestedAbsmax)
-    scales = (absmax.codes, absmax.code, absmax.absmax, absmax.offset) if nested else (absmax,) * 4
-    const = dict(QBLOCK=qblock, NESTED=nested, QBLOCK2=absmax.blocksize if nested else 1,
-                 PTX_HI=lookup[0], PTX_LO=lookup[1], **cfg)
+    ptx = dict(PTX_HI=lookup[0], PTX_LO=lookup[1])
     if transposed:
-        _gradient[grid](a, packed, *scales, code, c, m, n, k, cols, a.stride(0), c.stride(1), c.stride(0),
-                        k_per_split, **const)
+        _gradient[grid](a, packed, absmax, code, c, m, n, k, cols, a.stride(0), c.stride(1), c.stride(0),
+                        k_per_split, QBLOCK=qblock, **ptx, **cfg)
     else:
         in_kernel = bias is not None and split == 1
-        _forward[grid](a, packed, *scales, code, bias if in_kernel else c, c, m, n, k, cols,
-                       a.stride(0), a.stride(1), c.stride(1), c.stride(0), k_per_split, HAS_BIAS=in_kernel, **const)
+        _forward[grid](a, packed, absmax, code, bias if in_kernel else absmax, c, m, n, k, cols,
+                       a.stride(0), a.stride(1), c.stride(1), c.stride(0), k_per_split,
+                       HAS_BIAS=in_kernel, QBLOCK=qblock, **ptx, **cfg)
     if split == 1:
         return c[0]
     out = c.sum(0, dtype=torch.float32)

@@ -78,14 +78,12 @@ class Weight4bit:
 
     def __init__(self, param, tiled: bool = False):
         state = param.quant_state
-        self.tiled = tiled   # the Triton GEMMs (int4_kernel.py) up to TILED_MAX_ROWS where they run
+        self.tiled = tiled   # the Triton GEMM (int4_kernel.py) above FUSED_MAX_ROWS where it runs
         self.packed, self.state = param.data.view(-1), state
+        # its elementwise code lookup, made here: reading the table later would sync inside a CUDA graph
+        self.lookup = int4_lookup.ptx(tuple(state.code.tolist())) if tiled and self.packed.is_cuda else ("", "")
         self.rows, self.cols = (int(d) for d in state.shape)
         self.nested = bool(state.nested)
-        # for the Triton GEMMs, made here: reading a table or the offset later would sync inside a CUDA graph
-        self.lookup = int4_lookup.ptx(tuple(state.code.tolist())) if tiled and self.packed.is_cuda else ("", "")
-        self.offset = (torch.as_tensor(state.offset, dtype=torch.float32, device=self.packed.device).reshape(1)
-                       if tiled and self.nested else None)
         # a slice must start on an absmax block
         self.row_step = state.blocksize // math.gcd(state.blocksize, self.cols)
 
@@ -138,9 +136,7 @@ class Weight4bit:
         gemm, s = _triton_gemm(), self.state
         if gemm is None or not gemm.supported(self.cols, s.blocksize):
             return None
-        absmax = (gemm.NestedAbsmax(s.absmax, s.state2.code, s.state2.absmax, s.state2.blocksize, self.offset)
-                  if self.nested else self.absmax())   # nested: decoded in the kernel, no float32 copy a call
-        return gemm.matmul(a2d, self.packed, absmax, s.code, (self.rows, self.cols), s.blocksize, bias,
+        return gemm.matmul(a2d, self.packed, self.absmax(), s.code, (self.rows, self.cols), s.blocksize, bias,
                            transposed=transposed, lookup=self.lookup)
 
     def forward(self, x2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
