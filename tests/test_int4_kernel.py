@@ -48,3 +48,34 @@ def test_float32_differs_only_by_summation_order(results, kind):
     """Each tile is formed as bitsandbytes forms the weight (code * absmax in float32)."""
     err, scale = results[f"{kind}-float32-nested"]
     assert err <= 1e-5 * scale, (err, scale)
+
+
+def test_forward_decodes_straight_into_the_tensor_cores_operand():
+    """Compiled for Hopper (no GPU needed), the forward's decoded tiles never pass through shared
+    memory: with the PTX lookup every step from the loaded codes to the product is elementwise,
+    so Triton decodes in the layout the tensor cores read W from (the kernel's whole speed-up;
+    a gather in that chain, or a scalar broadcast into it, silently costs it)."""
+    import re
+
+    import bitsandbytes.functional as bnbf
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from shomin.tasks.models.levers import int4_kernel, int4_lookup
+    high, low = int4_lookup.ptx(tuple(bnbf.get_4bit_type("nf4", device="cpu").tolist()))
+    fn = int4_kernel._forward
+    pointers = dict(a_ptr="*bf16", packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", bias_ptr="*bf16",
+                    c_ptr="*bf16")
+    ints = dict.fromkeys(["M", "N", "K", "cols", "stride_ah", "stride_am", "stride_cm", "stride_cs", "k_per_split"], "i32")
+    launch = int4_kernel.blocks(96, 64, transposed=False)
+    const = dict(HAS_BIAS=False, QBLOCK=64, PTX_HI=high, PTX_LO=low,
+                 **{k: v for k, v in launch.items() if k.startswith("BLOCK")})
+    signature = {**pointers, **ints, **dict.fromkeys(const, "constexpr")}
+    # what a launch on real tensors tells Triton: pointers and sizes are multiples of 16
+    aligned = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in signature
+               if k not in const and k != "M"}
+    compiled = triton.compile(ASTSource(fn, signature, const, aligned), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]})
+    ttgir = compiled.asm["ttgir"]
+    assert "warp_group_dot" in ttgir and "elementwise_inline_asm" in ttgir
+    assert not re.findall(r"local_alloc %\S+ : \(tensor<\d+x\d+xbf16", ttgir)

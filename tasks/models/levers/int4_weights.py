@@ -78,7 +78,7 @@ class Weight4bit:
 
     def __init__(self, param, tiled: bool = False):
         state = param.quant_state
-        self.tiled = tiled   # the Triton GEMM (int4_kernel.py) above FUSED_MAX_ROWS where it runs
+        self.tiled = tiled   # the Triton GEMMs (int4_kernel.py) up to TILED_MAX_ROWS where they run
         self.packed, self.state = param.data.view(-1), state
         # its elementwise code lookup, made here: reading the table later would sync inside a CUDA graph
         self.lookup = int4_lookup.ptx(tuple(state.code.tolist())) if tiled and self.packed.is_cuda else ("", "")
