@@ -20,17 +20,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pairs(lines: list[dict]) -> dict[tuple[str, bool], dict]:
-    """(quant, shomin's gradient checkpointing) -> {"trl011": last TRL run, "shomin": last shomin run}."""
+def pairs(lines: list[dict]) -> dict[tuple[str, bool | str], dict]:
+    """(quant, shomin's gradient checkpointing: false, true or "mlp") -> {"trl011": last TRL run, "shomin": last shomin run}."""
     trl = {row["quant"]: row for row in lines if row.get("impl", "").startswith("trl")}
     out: dict[tuple[str, bool], dict] = {}
     for row in lines:
         if "arch" in row:
-            out[(row["quant"], bool(row.get("checkpointing")))] = {"trl011": trl.get(row["quant"]), "shomin": row}
+            out[(row["quant"], row.get("checkpointing") or False)] = {"trl011": trl.get(row["quant"]), "shomin": row}
     return out
 
 
-def entry(key: tuple[str, bool], runs: dict) -> dict | None:
+def entry(key: tuple[str, bool | str], runs: dict) -> dict | None:
     (quant, checkpointing), trl, ours = key, runs.get("trl011"), runs.get("shomin")
     if not (trl and ours):
         return None
@@ -61,7 +61,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| base | implementation | s/step | rollout s | update s | weights GiB | peak GiB | overhead GiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        shomin = "shomin, gradient checkpointing" if r["checkpointing"] else "shomin, no checkpointing"
+        shomin = {True: "shomin, gradient checkpointing", "mlp": "shomin, MLP checkpointing"}.get(
+            r["checkpointing"], "shomin, no checkpointing")
         for impl, name in (("trl011", "TRL 0.11.4 + PEFT (seed 003)"), ("ppo", shomin)):
             lines.append(f"| {r['quant']} | {name} | {r[f'{impl}_s_per_step']:.2f} | {r[f'{impl}_rollout_s']:.2f} | "
                          f"{r[f'{impl}_update_s']:.2f} | {r['weights_gib']:.2f} | {r[f'{impl}_peak_gib']:.2f} | "
@@ -78,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     lines = [json.loads(x) for x in Path(args.runs).read_text().splitlines() if x.strip()]
     rows = sorted((e for key, runs in pairs(lines).items() if (e := entry(key, runs))),
-                  key=lambda r: (r["quant"], r["checkpointing"]))
+                  key=lambda r: (r["quant"], str(r["checkpointing"])))
     print(table(rows))
     path = Path(args.results)
     results = json.loads(path.read_text()) if path.exists() else {}

@@ -29,7 +29,7 @@ class StepSettings(Protocol):
     max_grad_norm: float
     early_stop_kl: float | None
     cuda_graphs: bool
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | str   # true, false or "mlp" (levers/mlp_checkpoint.py, set up at load)
 
 
 @torch.no_grad()
@@ -51,7 +51,7 @@ def advantages(policy: PolicyWithValue, batch: dict, scores: torch.Tensor, setti
 
 def update(policy: PolicyWithValue, optimizer, accelerator, params, batch: dict, settings: StepSettings, step: int) -> dict:
     """settings.ppo_epochs passes over shuffled mini-batches of the rollout; clipped policy + value loss."""
-    with checkpointed_in_eval(policy.lm, settings.gradient_checkpointing):
+    with checkpointed_in_eval(policy.lm, settings.gradient_checkpointing is True):
         return _epochs(policy, optimizer, accelerator, params, batch, settings, step)
 
 
