@@ -2,9 +2,9 @@
 and seconds per PPO step, split into generation (rollout) and the rest (scoring,
 reference pass, PPO update). Seed 003 claims the 20B chain fits a 24 GB GPU.
 
-Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointing|mlpcheckpointing]
+Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointing|selective]
   ARCH: neox20b | neox7b | llama7b      QUANT: 8bit | 4bit | none
-  checkpointing: stages.ppo.gradient_checkpointing on (mlpcheckpointing: `mlp`, each layer's norm + MLP only);  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
+  checkpointing: stages.ppo.gradient_checkpointing on (selective: `selective`, each layer's norm + MLP and attention only);  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
   own 8-bit matmul, as the seed ran) instead of the default weight_only;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
   BENCH_INT4=sliced|triton: 4-bit layers with no whole 16-bit weight copy (model.int4_matmul), instead of the default bitsandbytes
@@ -47,7 +47,7 @@ from shomin.tasks.stages.ppo import PpoSettings  # noqa: E402
 
 ARCH, QUANT = sys.argv[1], sys.argv[2]
 QUERIES, NEW_TOKENS, STEPS = map(int, sys.argv[3:6])
-CHECKPOINTING = "mlp" if "mlpcheckpointing" in sys.argv[6:] else "checkpointing" in sys.argv[6:]
+CHECKPOINTING = "selective" if "selective" in sys.argv[6:] else "checkpointing" in sys.argv[6:]
 INT8 = "llm_int8" if "llm_int8" in sys.argv[6:] else "weight_only"
 CUDA_GRAPHS = "eager" not in sys.argv[6:]
 INT4 = os.environ.get("BENCH_INT4", "bitsandbytes")   # model.int4_matmul; the shipped default

@@ -11,7 +11,7 @@
 # $OUT/ppo_trl011.jsonl is one run; bench/ppo_table.py turns them into the README table and
 # the `ppo_trl011` entry of bench/results.json. shomin runs three times per base: without gradient
 # checkpointing, with it (`gradient_checkpointing: true`, as imdb-rlhf ships it) and with only each
-# layer's norm + MLP recomputed (`gradient_checkpointing: mlp`).
+# layer's norm + MLP and attention recomputed (`gradient_checkpointing: selective`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${TRL011:?set TRL011 to ../shared/bench/trl011_ppo.py}" "${TRL011_SITE:?set TRL011_SITE}"
@@ -22,7 +22,7 @@ for q in $QUANTS; do
   # shomin first: it writes the checkpoint ($BENCH_DIR/ppo_neox20b, fp16 + tokenizer.json) once
   python3 bench/gpu_ppo.py neox20b "$q" 16 16 "$STEPS" | grep '^{"arch"' | tee -a "$OUT/ppo_trl011.jsonl"
   python3 bench/gpu_ppo.py neox20b "$q" 16 16 "$STEPS" checkpointing | grep '^{"arch"' | tee -a "$OUT/ppo_trl011.jsonl"
-  python3 bench/gpu_ppo.py neox20b "$q" 16 16 "$STEPS" mlpcheckpointing | grep '^{"arch"' | tee -a "$OUT/ppo_trl011.jsonl"
+  python3 bench/gpu_ppo.py neox20b "$q" 16 16 "$STEPS" selective | grep '^{"arch"' | tee -a "$OUT/ppo_trl011.jsonl"
   PYTHONPATH="$TRL011_SITE" python3 "$TRL011" "$BENCH_DIR/ppo_neox20b" "$q" "$STEPS" | grep '^{"impl"' \
     | tee -a "$OUT/ppo_trl011.jsonl"
 done

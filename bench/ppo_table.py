@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pairs(lines: list[dict]) -> dict[tuple[str, bool | str], dict]:
-    """(quant, shomin's gradient checkpointing: false, true or "mlp") -> {"trl011": last TRL run, "shomin": last shomin run}."""
+    """(quant, shomin's gradient checkpointing: false, true or "selective") -> {"trl011": last TRL run, "shomin": last shomin run}."""
     trl = {row["quant"]: row for row in lines if row.get("impl", "").startswith("trl")}
     out: dict[tuple[str, bool], dict] = {}
     for row in lines:
@@ -61,7 +61,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| base | implementation | s/step | rollout s | update s | weights GiB | peak GiB | overhead GiB |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        shomin = {True: "shomin, gradient checkpointing", "mlp": "shomin, MLP checkpointing"}.get(
+        shomin = {True: "shomin, gradient checkpointing", "selective": "shomin, selective checkpointing"}.get(
             r["checkpointing"], "shomin, no checkpointing")
         for impl, name in (("trl011", "TRL 0.11.4 + PEFT (seed 003)"), ("ppo", shomin)):
             lines.append(f"| {r['quant']} | {name} | {r[f'{impl}_s_per_step']:.2f} | {r[f'{impl}_rollout_s']:.2f} | "

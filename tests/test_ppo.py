@@ -1,6 +1,7 @@
 """PPO stage on the tiny random Llama: reference model, learning, outputs, resume, evaluation."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -153,44 +154,48 @@ def test_the_value_head_reads_the_last_normed_layer_without_keeping_every_layers
 
 
 def test_gradient_checkpointing_in_eval_recomputes_and_keeps_the_gradients(tiny_model):
-    """The update under checkpointing (whole layers, or only each post-attention norm + MLP) keeps
-    less for the backward pass and gets the same gradients; under `mlp` nothing of the MLPs'
-    intermediate width is kept. Rollouts outside it keep their KV cache (the layers are out of
-    training mode again)."""
+    """The update under checkpointing (whole layers, or `selective`: each post-attention norm + MLP
+    and the attention) keeps less for the backward pass and gets the same gradients; under
+    `selective` nothing of the MLPs' intermediate width is kept, and the attention keeps nothing
+    beyond what the MLPs alone would. Rollouts outside it keep their KV cache (the layers are out
+    of training mode again) and the plain attention."""
+    from shomin.tasks.models.levers import selective_checkpoint
     from shomin.tasks.models.loading import checkpointed_in_eval
     grads, saved, widths = {}, {}, {}
-    for mode in (False, True, "mlp"):
-        policy, batch = trained_policy(tiny_model, settings(gradient_checkpointing=mode))
+    for mode in (False, True, "mlp only", "selective"):
+        policy, batch = trained_policy(tiny_model, settings(gradient_checkpointing=mode if mode != "mlp only" else "selective"))
+        attention = policy.lm.config._attn_implementation
         stored = []
         with checkpointed_in_eval(policy.lm, mode is True), torch.autograd.graph.saved_tensors_hooks(
-                lambda t: stored.append(t) or t, lambda t: t):
+                lambda t: stored.append(t) or t, lambda t: t), (
+                selective_checkpoint.recomputed_attention(policy.lm) if mode == "selective" else contextlib.nullcontext()):
             logprobs, values, _ = rl.forward(policy, batch)
         (logprobs.sum() + values.sum()).backward()
         grads[mode] = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
         saved[mode] = sum(t.numel() for t in stored)
         widths[mode] = {t.shape[-1] for t in stored if t.dim()}
-        assert not any(m.training for m in policy.modules())
+        assert not any(m.training for m in policy.modules()) and policy.lm.config._attn_implementation == attention
     intermediate = policy.lm.config.intermediate_size
-    assert saved[True] < saved[False] and saved["mlp"] < saved[False]
-    assert intermediate in widths[False] and intermediate not in widths["mlp"]
-    for mode in (True, "mlp"):
+    assert saved[True] < saved[False] and saved["selective"] < saved["mlp only"] < saved[False]
+    assert intermediate in widths[False] and intermediate not in widths["selective"]
+    for mode in (True, "mlp only", "selective"):
         assert grads[mode].keys() == grads[False].keys() and grads[mode]
         for name in grads[mode]:
             torch.testing.assert_close(grads[mode][name], grads[False][name], rtol=1e-4, atol=1e-6)
 
 
-def test_mlp_checkpointing_needs_a_post_attention_norm_feeding_the_mlp(tmp_path):
+def test_selective_checkpointing_needs_a_post_attention_norm_feeding_the_mlp(tmp_path):
     """GPT-2's blocks name their norm ln_2: nothing is routed, and the PPO stage refuses the setting
     in one line naming it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from shomin.tasks.ground.errors import ConfigError
-    from shomin.tasks.models.levers import mlp_checkpoint
+    from shomin.tasks.models.levers import selective_checkpoint
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
-    assert mlp_checkpoint.enable(gpt2) == 0
+    assert selective_checkpoint.enable(gpt2) == 0
     gpt2.save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ConfigError, match="^stages.ppo.gradient_checkpointing: mlp needs .*GPT2LMHeadModel"):
-        ppo.build_policy(settings(gradient_checkpointing="mlp"), ModelSpec(source=str(tmp_path / "gpt2")),
+    with pytest.raises(ConfigError, match="^stages.ppo.gradient_checkpointing: selective needs .*GPT2LMHeadModel"):
+        ppo.build_policy(settings(gradient_checkpointing="selective"), ModelSpec(source=str(tmp_path / "gpt2")),
                          str(tmp_path / "gpt2"), "cpu")
 
 

@@ -4,11 +4,14 @@ policy and value losses over shuffled mini-batches for a few epochs (loss, train
 The tensor maths is in ppo_math.py; the stage (tasks/stages/ppo.py) drives the loop."""
 from __future__ import annotations
 
+import contextlib
+
 from collections import defaultdict
 from typing import Protocol
 
 import torch
 from shomin.tasks.ground.errors import TrainingDiverged
+from shomin.tasks.models.levers import selective_checkpoint
 from shomin.tasks.models.levers.cuda_graphs import ReplayedStep
 from shomin.tasks.models.levers.data_parallel import mean_gradients
 from shomin.tasks.models.loading import checkpointed_in_eval
@@ -29,7 +32,7 @@ class StepSettings(Protocol):
     max_grad_norm: float
     early_stop_kl: float | None
     cuda_graphs: bool
-    gradient_checkpointing: bool | str   # true, false or "mlp" (levers/mlp_checkpoint.py, set up at load)
+    gradient_checkpointing: bool | str   # true, false or "selective" (levers/selective_checkpoint.py)
 
 
 @torch.no_grad()
@@ -51,7 +54,9 @@ def advantages(policy: PolicyWithValue, batch: dict, scores: torch.Tensor, setti
 
 def update(policy: PolicyWithValue, optimizer, accelerator, params, batch: dict, settings: StepSettings, step: int) -> dict:
     """settings.ppo_epochs passes over shuffled mini-batches of the rollout; clipped policy + value loss."""
-    with checkpointed_in_eval(policy.lm, settings.gradient_checkpointing is True):
+    selective = settings.gradient_checkpointing == "selective"
+    with checkpointed_in_eval(policy.lm, settings.gradient_checkpointing is True), \
+            (selective_checkpoint.recomputed_attention(policy.lm) if selective else contextlib.nullcontext()):
         return _epochs(policy, optimizer, accelerator, params, batch, settings, step)
 
 

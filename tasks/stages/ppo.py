@@ -31,7 +31,7 @@ from shomin.tasks.ground.records import PolicyRecord, PpoResult
 from shomin.tasks.ground.rundir import staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings, Strict
 from shomin.tasks.models import memory as mem
-from shomin.tasks.models.levers import mlp_checkpoint
+from shomin.tasks.models.levers import selective_checkpoint
 from shomin.tasks.models.levers.data_parallel import broadcast_from_first
 from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, lora_config
 from shomin.tasks.models.ppo_checkpoint import checkpoints, load_checkpoint, save_checkpoint, save_policy
@@ -68,11 +68,12 @@ class PpoSettings(Strict):
     clip_range_value: float = Field(0.2, gt=0)
     vf_coef: float = Field(0.1, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    gradient_checkpointing: bool | Literal["mlp"] = Field(
+    gradient_checkpointing: bool | Literal["selective"] = Field(
         False, description="true: keep only each layer's input during the update and recompute the rest in the "
         "backward pass: less memory (most of a 20B model's activations), one more forward per mini-batch. "
-        "mlp: recompute only each layer's post-attention norm + MLP (the widest activations; GPT-NeoX, Llama, "
-        "Qwen, Mistral layouts): most of that saving for a third of the recompute.")
+        "selective: recompute only each layer's post-attention norm + MLP and its attention (not the "
+        "attention's projections): most of that saving for less recompute (GPT-NeoX, Llama, Qwen, Mistral "
+        "layouts).")
     cuda_graphs: bool = Field(True, description="On CUDA, replay CUDA graphs where the host issuing ops one by one "
                               "is slower than the GPU: the rollout's decode step (recorded once per rollout, on a "
                               "fixed-size KV cache) and the update's forward + backward (recorded once per PPO "
@@ -108,9 +109,9 @@ def build_policy(settings: PpoSettings, spec: ModelSpec, merged_path: str, devic
         # no RNG state to save for the recompute (eval mode draws none), and reading it would break a CUDA graph
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
                                                                         "preserve_rng_state": False})
-    elif settings.gradient_checkpointing == "mlp" and not mlp_checkpoint.enable(lm):
-        raise ConfigError(f"stages.ppo.gradient_checkpointing: mlp needs decoder layers with a post_attention_layernorm "
-                          f"and an mlp; {type(lm).__name__} has none: use true")
+    elif settings.gradient_checkpointing == "selective" and not selective_checkpoint.enable(lm):
+        raise ConfigError(f"stages.ppo.gradient_checkpointing: selective needs decoder layers with a "
+                          f"post_attention_layernorm and an mlp; {type(lm).__name__} has none: use true")
     lm = get_peft_model(lm, lora_config(settings.lora))  # LoRA B starts at 0: step-0 policy == reference
     # Dropout stays off (eval mode) throughout: PPO's ratio and the KL need rollout and update to be the same function.
     return PolicyWithValue(lm, settings.temperature).eval()
@@ -242,9 +243,9 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     gen = mem.kv_cache(ppo.batch_size, s, shape, pb)
     reference = mem.activations(2 * ppo.batch_size, s, shape, pb, checkpointing=True, with_inputs=False) \
         + 2 * ppo.batch_size * r * shape["vocab_size"] * pb   # one layer's activations, 16-bit response logits
-    # eval mode: no dropout copies; `mlp` checkpointing keeps all but the MLPs' share
+    # eval mode: no dropout copies; `selective` checkpointing keeps all but the MLPs' share
     act = mem.activations(ppo.mini_batch_size, s, shape, pb, ppo.gradient_checkpointing is True,
-                          mlp_chunk=1 if ppo.gradient_checkpointing == "mlp" else 0)
+                          mlp_chunk=1 if ppo.gradient_checkpointing == "selective" else 0)
     logits = mem.logits(ppo.mini_batch_size, r, shape, dtype_bytes=pb)
     largest = max(i * o for i, o, _ in shape["linears"].values())
     dequant = largest * pb if ppo.quantization == "4bit" or (
