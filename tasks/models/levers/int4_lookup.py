@@ -8,11 +8,11 @@ but only through elementwise steps; a gather from a register table (what the ker
 under Triton's interpreter) sends every decoded tile through shared memory first. Measured on
 the 20B layers at 96 rows (H100, bench/gpu_bnb4_paths.py kernel): the forward 0.79 -> 0.55 ms a
 layer (operands swapped so the decode can be hoisted, and the reduction split where W has few
-row tiles), the input's gradient 1.00 -> 0.79 ms from this lookup alone.
+row tiles), the input's gradient 1.00 -> 0.78 ms from this lookup alone.
 
 The values are the table's own float32 bits (not rounded to 16 bits), so the kernel still
 forms code[nibble] * absmax in float32 exactly as bitsandbytes' dequantize does. No Triton or
-GPU here: tests/test_int4_lookup.py runs this text through a model of the five instructions.
+GPU here: tests/test_int4_lookup.py runs this text through a model of the instructions it uses.
 """
 from __future__ import annotations
 

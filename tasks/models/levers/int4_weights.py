@@ -22,7 +22,7 @@ own kernels:
 - `int4_matmul: triton`: up to TILED_MAX_ROWS rows, levers/int4_kernel.py's Triton GEMMs,
   which decode each tile of the stored codes in registers: no copy and no slices, and faster
   than both of bitsandbytes' ways on the 20B shapes (a replayed forward and backward of a layer
-  at 96 rows 1.61 against 2.01 ms; a decode step's four matrices at 16 rows 0.40 against the
+  at 96 rows 1.61 against 2.01 ms; a decode step's four matrices at 16 rows 0.39 against the
   fused GEMM's 0.63 ms). Elsewhere (more rows, no Triton, not CUDA) as `sliced`.
 
 The weight is frozen, so nothing of the input is kept for the backward. Each weight is formed
@@ -43,9 +43,10 @@ FUSED_MAX_ROWS = 16
 # faster but a larger transient: bench/gpu_bnb4_paths.py, README).
 SLICE_BYTES = 32 << 20
 # The Triton GEMMs (`int4_matmul: triton`) decode all of W once per 128 rows: at 96 rows they beat
-# bitsandbytes' copy (forward 0.55 against 0.93 ms a 20B layer, input gradient 0.79 against 0.92),
-# at 256 they are about even with it and at 384 1.4x (forward) to 1.8x (gradient) slower
-# (bench/gpu_bnb4_paths.py kernel), so more rows (the rollout's scoring passes) go to the slices.
+# bitsandbytes' copy (forward 0.55 against 0.93 ms a 20B layer, input gradient 0.78 against 0.92),
+# at 256 the forward is about even with it (the gradient 1.3x slower) and at 384 they are 1.4x
+# (forward) to 1.9x (gradient) slower (bench/gpu_bnb4_paths.py kernel), so more rows (the rollout's
+# scoring passes) go to the slices, the way without a whole copy.
 TILED_MAX_ROWS = 256
 
 
