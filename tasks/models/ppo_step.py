@@ -5,7 +5,6 @@ The tensor maths is in ppo_math.py; the stage (tasks/stages/ppo.py) drives the l
 from __future__ import annotations
 
 import contextlib
-
 from collections import defaultdict
 from typing import Protocol
 
