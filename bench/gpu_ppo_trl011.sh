@@ -11,12 +11,14 @@
 # $OUT/ppo_trl011.jsonl is one run; bench/ppo_table.py turns them into the README table and
 # the `ppo_trl011` entry of bench/results.json. shomin runs three times per base: without gradient
 # checkpointing, with it (`gradient_checkpointing: true`, as imdb-rlhf ships it) and with only each
-# layer's norm + MLP and attention recomputed (`gradient_checkpointing: selective`).
+# layer's norm + MLP and attention recomputed (`gradient_checkpointing: selective`). The 4-bit base
+# runs shomin's Triton 4-bit GEMMs (`model.int4_matmul: triton`, CUDA + Triton; BENCH_INT4=bitsandbytes
+# for bitsandbytes' layer, the default of the setting).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${TRL011:?set TRL011 to ../shared/bench/trl011_ppo.py}" "${TRL011_SITE:?set TRL011_SITE}"
 STEPS=${1:-4} QUANTS=${2:-"8bit 4bit"}
-export BENCH_DIR=${BENCH_DIR:-/tmp/bench} OUT=${OUT:-bench/out}
+export BENCH_DIR=${BENCH_DIR:-/tmp/bench} OUT=${OUT:-bench/out} BENCH_INT4=${BENCH_INT4:-triton}
 mkdir -p "$OUT" "$BENCH_DIR"
 for q in $QUANTS; do
   # shomin first: it writes the checkpoint ($BENCH_DIR/ppo_neox20b, fp16 + tokenizer.json) once

@@ -2,7 +2,7 @@
 # Issue 11's measurements in one command, on one H100-class GPU (about 20 minutes; ~45 GB of
 # disk and ~45 GB of RAM disk at a time):
 #   1. the PPO table: shomin's PPO stage (with gradient checkpointing, as imdb-rlhf ships
-#      it, and without) and seed 003's recipe (TRL 0.11.4 + PEFT, ../shared/bench/trl011_ppo.py)
+#      it, without, and `selective`; the 4-bit base on `int4_matmul: triton`) and seed 003's recipe (TRL 0.11.4 + PEFT, ../shared/bench/trl011_ppo.py)
 #      side by side on one random gpt-neox-20b checkpoint, 8-bit and 4-bit base
 #      (bench/gpu_ppo_trl011.sh, bench/ppo_table.py);
 #   2. the whole imdb-rlhf chain at that shape through the real CLI, held to 22.4 GiB
