@@ -59,9 +59,9 @@ def sft_rows(results: dict) -> list[tuple[str, float, float]]:
     return rows
 
 
-def ppo_pipeline(quant: str, checkpointing: bool) -> Pipeline:
+def ppo_pipeline(quant: str, checkpointing: bool | str, int4_matmul: str = "bitsandbytes") -> Pipeline:
     return Pipeline.model_validate({
-        "name": "bench", "device": "cuda", "model": {"source": "x/y", "dtype": "float16"},
+        "name": "bench", "device": "cuda", "model": {"source": "x/y", "dtype": "float16", "int4_matmul": int4_matmul},
         "stages": {"model_init": {}, "dataset": {}, "sft": {}, "merge": {}, "ppo": {
             "quantization": quant, "gradient_checkpointing": checkpointing, "batch_size": 16, "mini_batch_size": 4, "query_max_tokens": 12,
             "response_min_tokens": 16, "response_max_tokens": 16,
@@ -77,12 +77,18 @@ def main():
         plan = plan_memory(ppo_pipeline(run["quant"], run["checkpointing"]), s, "cuda", None, None)
         name = f"ppo neox20b {run['quant']}" + (" ckpt" if run["checkpointing"] else "")
         rows.append((name, plan.stages["ppo"]["total"] / GIB, run["ppo_peak_gib"]))
-    print(f"{'configuration':28} {'plan GiB':>9} {'measured':>9} {'error':>7}")
+    for run in results["int4_triton"]["rows"]:   # the shipped kernel, side by side with TRL (H, J)
+        if run["run"] in ("H", "J"):
+            plan = plan_memory(ppo_pipeline("4bit", run["checkpointing"], "triton"), s, "cuda", None, None)
+            mode = {True: " ckpt", "selective": " selective"}.get(run["checkpointing"], "")
+            rows.append((f"ppo neox20b 4bit triton{mode} ({run['run']})", plan.stages["ppo"]["total"] / GIB,
+                         run["peak_alloc_gib"]))
+    print(f"{'configuration':38} {'plan GiB':>9} {'measured':>9} {'error':>7}")
     out = []
     for name, pred, meas in rows:
         err = (pred - meas) / meas
         out.append({"config": name, "predicted_gib": round(pred, 2), "measured_gib": meas, "error": round(err, 3)})
-        print(f"{name:28} {pred:9.2f} {meas:9.2f} {err:+7.1%}")
+        print(f"{name:38} {pred:9.2f} {meas:9.2f} {err:+7.1%}")
     results["plan_vs_measured"] = out
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 

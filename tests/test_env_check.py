@@ -266,6 +266,11 @@ def test_gpt_neox_20b_8bit():
         other = plan_memory(pipeline("x", device="cuda", quantization="8bit", ppo=PpoSettings(quantization=ppo_quant),
                                      **model), shape, "cuda", 80 * GIB, 80 * GIB)
         assert other.stages["ppo"]["dequant"] == h * 4 * h * 2
+    # int4_matmul sliced / triton: never a whole 16-bit copy, at most one 32 MiB slice of rows
+    for int4 in ("sliced", "triton"):
+        other = plan_memory(pipeline("x", device="cuda", quantization="8bit", ppo=PpoSettings(quantization="4bit"),
+                                     int4_matmul=int4), shape, "cuda", 80 * GIB, 80 * GIB)
+        assert other.stages["ppo"]["dequant"] == 32 << 20
 
 
 def test_environment_never_crashes():

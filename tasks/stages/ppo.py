@@ -33,6 +33,7 @@ from shomin.tasks.ground.settings import LoraSettings, ModelSpec, RewardSettings
 from shomin.tasks.models import memory as mem
 from shomin.tasks.models.levers import selective_checkpoint
 from shomin.tasks.models.levers.data_parallel import broadcast_from_first
+from shomin.tasks.models.levers.int4_weights import SLICE_BYTES
 from shomin.tasks.models.loading import load_causal_lm, load_tokenizer, lora_config
 from shomin.tasks.models.ppo_checkpoint import checkpoints, load_checkpoint, save_checkpoint, save_policy
 from shomin.tasks.models.ppo_math import kl_controller
@@ -234,8 +235,8 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
     response positions) and the update (one mini-batch's activations, all layers' or, under
     gradient checkpointing, each layer's input + one layer's, and its response logits; recorded
     as a CUDA graph it measured the same at 20B) + one dequantized layer weight of a 4-bit
-    base (or of an 8-bit one under llm_int8; the weight-only 8-bit GEMM dequantizes in
-    registers on CUDA)."""
+    base on bitsandbytes' layer (one slice of rows under int4_matmul sliced / triton), or of an
+    8-bit one under llm_int8 (the weight-only 8-bit GEMM dequantizes in registers on CUDA)."""
     shape, notes = inputs.shape, inputs.notes
     w, _, pb = mem.weights(shape, ppo.quantization, inputs.spec, inputs.device)
     n_lora, s = mem.lora_params(shape, ppo.lora), ppo.query_max_tokens + ppo.response_max_tokens
@@ -248,8 +249,10 @@ def plan(ppo: PpoSettings, inputs: mem.PlanInputs) -> dict:
                           mlp_chunk=1 if ppo.gradient_checkpointing == "selective" else 0)
     logits = mem.logits(ppo.mini_batch_size, r, shape, dtype_bytes=pb)
     largest = max(i * o for i, o, _ in shape["linears"].values())
-    dequant = largest * pb if ppo.quantization == "4bit" or (
+    dequant = largest * pb if (ppo.quantization == "4bit" and inputs.spec.int4_matmul == "bitsandbytes") or (
         ppo.quantization == "8bit" and inputs.spec.int8_matmul == "llm_int8") else 0
+    if ppo.quantization == "4bit" and inputs.spec.int4_matmul != "bitsandbytes":   # one slice of rows at most
+        dequant = min(largest * pb, SLICE_BYTES)
     head = 16 * (shape["hidden_size"] + 1)
     notes["ppo.weights"] = f"{ppo.quantization}: stages.ppo.quantization"
     notes["ppo.lora"] = f"{n_lora:,} params x (4 B weight + 4 B grad)"
