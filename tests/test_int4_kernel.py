@@ -1,8 +1,9 @@
-"""levers/int4_kernel.py, the Triton 4-bit GEMM of `int4_matmul: triton`, run in Triton's
+"""levers/int4_kernel.py, the Triton 4-bit GEMMs of `int4_matmul: triton`, run in Triton's
 interpreter on the CPU (tests/int4_kernel_cases.py, in its own process) against bitsandbytes'
-dequantize of real `Params4bit` weights: the forward with and without bias, the forward and the
-input's gradient whole and with their reductions split in three, double-quantized absmax or not, float16
-and float32, a row count that is no multiple of the launch blocks. On the GPU
+dequantize of real `Params4bit` weights: the forward with and without bias and the input's
+gradient, each whole and with its reduction split in three, double-quantized absmax or not,
+float16 and float32, a row count that is no multiple of the launch blocks; and the forward
+compiled for Hopper (no GPU needed) keeping its decode in registers. On the GPU
 `bench/gpu_bnb4_paths.py kernel` checks and times it. Needs Triton >= 3.9 (older
 interpreters fail under NumPy >= 2.4); `make install` adds it beside a CPU build of torch."""
 import json
