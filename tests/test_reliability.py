@@ -336,3 +336,25 @@ def test_every_load_passes_trust_remote_code_from_the_pipeline_and_safetensors_o
         assert {c[0] for c in calls} >= {"AutoTokenizer", "AutoConfig", "AutoModelForCausalLM"}
         assert all(c[1] is trust for c in calls), calls
         assert all(c[2] is True for c in calls if c[0] == "AutoModelForCausalLM"), calls
+
+
+def test_concurrent_model_loads_leave_weight_tying_on(tiny_model):
+    """transformers' from_pretrained swaps PreTrainedModel.tie_weights out for its duration; two
+    loads in threads at once (Prefect's task runner) used to put back each other's stand-in and
+    leave tying off for the process (7 of 20 concurrent pairs, measured). shomin's loads hold one
+    lock. Ten concurrent pairs: without the lock this fails but about one time in a hundred."""
+    import threading
+
+    from transformers import PreTrainedModel
+
+    from shomin.tasks.ground.settings import ModelSpec
+    from shomin.tasks.models.loading import load_causal_lm
+    original = PreTrainedModel.tie_weights
+    for _ in range(10):
+        loads = [threading.Thread(target=load_causal_lm, args=(tiny_model, ModelSpec(source=str(tiny_model)), "cpu"))
+                 for _ in range(2)]
+        for t in loads:
+            t.start()
+        for t in loads:
+            t.join()
+        assert PreTrainedModel.tie_weights is original

@@ -8,6 +8,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -67,6 +68,15 @@ def guard_bnb_cpu(model) -> int:
     return n
 
 
+# transformers' from_pretrained turns weight tying and init off by swapping methods of
+# PreTrainedModel for its duration (initialization.no_tie_weights / no_init_weights) and putting
+# them back after. Two loads in threads at once (Prefect's task runner, concurrent runs) can put
+# back each other's stand-in: tying then stays off for the rest of the process (later tied models
+# count and hold their head twice). Measured: 7 of 20 concurrent pairs of tiny loads. So every
+# model instantiation of shomin's holds this lock.
+MODEL_CREATION = threading.RLock()
+
+
 def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization: str | None = None,
                    dtype: torch.dtype | str | None = None):
     """Weights from safetensors only; quantization defaults to the pipeline's; dtype "auto" keeps
@@ -80,10 +90,11 @@ def load_causal_lm(path: str | Path, spec: ModelSpec, device: str, quantization:
     qconf = quantization_config(quantization, spec)
     if quantization == "8bit" and not device.startswith("cuda"):
         raise ConfigError(f"quantization: {EIGHT_BIT_NEEDS_CUDA}")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=(DTYPES[spec.compute_dtype] if quantization == "4bit" else dtype),
-        quantization_config=qconf, use_safetensors=True, trust_remote_code=spec.trust_remote_code,
-        device_map={"": device} if qconf is not None else None)
+    with MODEL_CREATION:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=(DTYPES[spec.compute_dtype] if quantization == "4bit" else dtype),
+            quantization_config=qconf, use_safetensors=True, trust_remote_code=spec.trust_remote_code,
+            device_map={"": device} if qconf is not None else None)
     if qconf is None:
         model.to(device)
     if device == "cpu":

@@ -165,9 +165,11 @@ def shape_from_config(config, trust_remote_code: bool = False) -> dict:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    model.tie_weights()  # init_empty_weights skips tying; without this tied heads count twice
+    from shomin.tasks.models.loading import MODEL_CREATION
+    with MODEL_CREATION:   # a load in another thread swaps tie_weights out for its duration
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model.tie_weights()  # init_empty_weights skips tying (and undoes it inside); untied heads count twice
     output = model.get_output_embeddings()
     linears: dict[str, list[int]] = {}
     for name, mod in model.named_modules():

@@ -101,10 +101,12 @@ def _load_classifier(name: str, trust_remote_code: bool):
     is_local, expanded = local is not None, str(local)
     source = expanded if is_local else name
     try:
+        from shomin.tasks.models.loading import MODEL_CREATION
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        with MODEL_CREATION:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
     except RewardError:
         raise
     except (OSError, ValueError, KeyError, ImportError) as exc:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from shomin.tasks.models.loading import load_tokenizer, resolve_dtype
+from shomin.tasks.models.loading import MODEL_CREATION, load_tokenizer, resolve_dtype
 from shomin.tasks.models.stats import mean_se
 
 RewardFn = Callable[[list[str]], list[float]]
@@ -88,9 +88,10 @@ def load_reward_model(model_path: str | Path, device: str = "cpu"):
     record = read_record(model_path)
     trust = bool(record.get("trust_remote_code"))
     tok = load_tokenizer(model_path, trust)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        record["base_path"], num_labels=1, use_safetensors=True, trust_remote_code=trust,
-        dtype=resolve_dtype("auto", device))
+    with MODEL_CREATION:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            record["base_path"], num_labels=1, use_safetensors=True, trust_remote_code=trust,
+            dtype=resolve_dtype("auto", device))
     base.config.pad_token_id = tok.pad_token_id
     model = PeftModel.from_pretrained(base, str(model_path)).to(device).eval()
     return model, tok, record

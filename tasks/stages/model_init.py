@@ -33,7 +33,9 @@ def _convert_embedded(name: str, dest: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, filename = hub.embedded_gguf(name)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    from shomin.tasks.models.loading import MODEL_CREATION
+    with MODEL_CREATION:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -30,7 +30,7 @@ from shomin.tasks.ground.records import RewardModelResult
 from shomin.tasks.ground.rundir import read_jsonl, staged_dir, write_json
 from shomin.tasks.ground.settings import LoraSettings, ModelSpec, Strict
 from shomin.tasks.models.chat import require_template
-from shomin.tasks.models.loading import (DTYPES, guard_bnb_cpu, load_tokenizer, lora_config, quantization_config,
+from shomin.tasks.models.loading import (DTYPES, MODEL_CREATION, guard_bnb_cpu, load_tokenizer, lora_config, quantization_config,
                                          resolve_dtype)
 from shomin.tasks.models.trained_reward import RECORD, pair_metrics, pair_texts, score_pairs, scorer, token_ids
 
@@ -75,10 +75,11 @@ def load_classifier(merged_path: str, spec: ModelSpec, settings: RewardModelSett
     from transformers import AutoModelForSequenceClassification
     from trl.trainer.utils import disable_dropout_in_model
     qconf = quantization_config(settings.quantization, spec)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        merged_path, num_labels=1, use_safetensors=True, trust_remote_code=spec.trust_remote_code,
-        dtype=DTYPES[spec.compute_dtype] if qconf else resolve_dtype(spec.dtype, device),
-        quantization_config=qconf, device_map={"": device} if qconf else None)
+    with MODEL_CREATION:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            merged_path, num_labels=1, use_safetensors=True, trust_remote_code=spec.trust_remote_code,
+            dtype=DTYPES[spec.compute_dtype] if qconf else resolve_dtype(spec.dtype, device),
+            quantization_config=qconf, device_map={"": device} if qconf else None)
     model.config.pad_token_id = pad_id   # the classifier finds each row's last token by it
     if qconf is None:
         model.to(device)
