@@ -14,8 +14,8 @@ was quantized from (in float32 its backward's copy is twice the bytes).
 when it is read again, as in a model), bitsandbytes' own (its dispatcher's forward, its
 backward's whole dequantize) against shomin's `int4_matmul: sliced` (levers/int4_weights.py).
 `kernel`: shomin's Triton 4-bit GEMM (levers/int4_kernel.py, `int4_matmul: triton`) against
-bitsandbytes' copy path and fused GEMM, forward and input gradient, at 16, 96 and 384 rows,
-with its error against the dense product and a sweep of launch shapes (the best is printed
+bitsandbytes' copy path and fused GEMM, forward and input gradient, at 16, 96, 256 and 384 rows
+(its absmax also made per call, as the layer does), with its error against the dense product and a sweep of launch shapes (the best is printed
 beside the heuristic's).
 Usage: python bench/gpu_bnb4_paths.py [layers|autograd|kernel [sweep]]
 """

@@ -4,8 +4,9 @@ reference pass, PPO update). Seed 003 claims the 20B chain fits a 24 GB GPU.
 
 Usage: python bench/gpu_ppo.py ARCH QUANT QUERIES NEW_TOKENS STEPS [checkpointing|selective]
   ARCH: neox20b | neox7b | llama7b      QUANT: 8bit | 4bit | none
-  checkpointing: stages.ppo.gradient_checkpointing on (selective: `selective`, each layer's norm + MLP and attention only);  llm_int8: model.int8_matmul llm_int8 (bitsandbytes'
-  own 8-bit matmul, as the seed ran) instead of the default weight_only;  eager: stages.ppo.cuda_graphs off
+  checkpointing: stages.ppo.gradient_checkpointing on;  selective: `selective` (each layer's norm + MLP and attention);
+  llm_int8: model.int8_matmul llm_int8 (bitsandbytes' own 8-bit matmul, as the seed ran) instead of the default
+  weight_only;  eager: stages.ppo.cuda_graphs off
   BENCH_LAYERS=N: N layers of ARCH's width instead of all
   BENCH_INT4=sliced|triton: 4-bit layers with no whole 16-bit weight copy (model.int4_matmul), instead of the default bitsandbytes
   under `accelerate launch`: data parallel, QUERIES per process (bench/gpu_ppo_multi.sh)

@@ -114,13 +114,17 @@ def blocks(m: int, qblock: int, transposed: bool) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=min(32, qblock // 2), num_warps=4, num_stages=3)
 
 
+def _sms(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def forward_splits(tiles: int, k: int, block_k: int, device: torch.device) -> int:
     """How many ways to split the forward's reduction: the fewest (each costs a float32 partial
     of C) that share the tiles out to the SMs within 10% of evenly. At 96 rows on an H100: a
     6144-row layer (96 tiles) 4, an 18432-row one 3, a 24576-row one none."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sms(device)
     for split in range(1, 5):
         waves = tiles * split / sms
         if -(-tiles * split // sms) / waves <= 1.10 or k // (split + 1) < 4 * block_k:
@@ -132,8 +136,7 @@ def splits(tiles: int, k: int, block_k: int, device: torch.device) -> int:
     """How many ways to split the gradient's reduction: enough programs for two per SM."""
     if device.type != "cuda":
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(triton.cdiv(2 * sms, tiles), k // (8 * block_k)))
+    return max(1, min(triton.cdiv(2 * _sms(device), tiles), k // (8 * block_k)))
 
 
 def supported(cols: int, qblock: int) -> bool:

@@ -208,7 +208,7 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
 
 def use_sliced(model, tiled: bool = False) -> int:
     """Route every frozen bitsandbytes 4-bit linear of `model` through Int4WeightLinear; returns how many.
-    `tiled`: above FUSED_MAX_ROWS the Triton GEMM where it runs, instead of the slices."""
+    `tiled`: up to TILED_MAX_ROWS the Triton GEMMs where they run, instead of the fused GEMM and the slices."""
     import bitsandbytes as bnb
     n = 0
     for module in model.modules():
